@@ -1,0 +1,164 @@
+"""Command line: flags generated from `TrainConfig`, config files, and mode dispatch.
+
+Precedence is dataclass default < config file (`--config run.toml|run.yaml`) < flag, so a
+config file can hold a whole experiment and a flag can still override one value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import logging
+import sys
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import DEFAULTS, MODES, ConfigError, TrainConfig, dashed
+
+log = logging.getLogger(__name__)
+
+GROUP_TITLES = {"run": "run", "data": "data and trajectory API", "loss": "loss",
+                "optim": "optimisation", "lora": "LoRA (lora_* modes)", "vllm": "vLLM",
+                "output": "checkpoints, benchmark and logging"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its whole usage on an error; a single line is easier to read."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _field_kind(f: dataclasses.Field) -> tuple[type, bool]:
+    """(element type, is_list) of a dataclass field, unwrapping Optional."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = args[0]
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="example-trainer",
+        description="GRPO/GSPO trainer that keeps a vLLM server serving its latest weights. "
+                    f"Modes: {', '.join(MODES)}.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML or YAML file whose keys are the option names below "
+                             "(flags given on the command line win)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(
+            GROUP_TITLES.get(meta["group"], meta["group"])))
+        kind, is_list = _field_kind(f)
+        kwargs: dict[str, Any] = {"help": meta["help"], "default": argparse.SUPPRESS}
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if is_list:
+                kwargs["nargs"] = "*"
+        flag = f"--{dashed(f.name)}"
+        if f.name == "mode":
+            kwargs["help"] += f" Built-in: {{{','.join(MODES)}}}."
+        # Show the real default in --help even though the parsed default is suppressed.
+        kwargs["help"] += f" [default: {getattr(DEFAULTS, f.name)!r}]"
+        group.add_argument(flag, **kwargs)
+    return parser
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a TOML or YAML file into option values, rejecting unknown keys by name."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} not found")
+    text = file.read_text()
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    elif file.suffix == ".toml":
+        data = tomllib.loads(text)
+    else:
+        raise ConfigError(f"config file {path!r}: use a .toml, .yaml or .yml file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of option names")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config file {path!r}: unknown option {key!r}{hint}")
+        values[name] = value
+    return values
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Flags and config file -> a validated TrainConfig; exits with one line on bad input."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        values = load_config_file(args.pop("config")) if args.get("config") else {}
+        args.pop("config", None)
+        values.update(args)
+        choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
+        for name, value in values.items():
+            if choices[name] and value not in choices[name]:
+                raise ConfigError(f"invalid --{dashed(name)} {value!r}: choose from "
+                                  f"{', '.join(choices[name])}")
+        return TrainConfig(**values).validate()
+    except (ConfigError, TypeError) as err:
+        parser.error(str(err))
+
+
+def resolve_mode(mode: str) -> Callable[[TrainConfig], Any]:
+    """Find a mode's `train(config)`: a built-in name, 'pkg.module:fn' or 'file.py:fn'."""
+    if mode in MODES:
+        return importlib.import_module(f"example_trainer.modes.{mode}").train
+    target, _, func = mode.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ConfigError(f"--mode {mode!r}: file {target!r} not found")
+        spec = importlib.util.spec_from_file_location(f"user_mode_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise ConfigError(f"--mode {mode!r}: cannot import {target!r} ({err})") from err
+    if not callable(getattr(module, func, None)):
+        raise ConfigError(f"--mode {mode!r}: {target} has no function {func!r}")
+    return getattr(module, func)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        train = resolve_mode(config.mode)
+    except ConfigError as err:
+        build_parser().error(str(err))
+    result = train(config)
+    return 0 if result is None or result is True else int(bool(result is False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Every option of the trainer in one dataclass.
+
+The CLI (`cli.py`) and config files (TOML or YAML, same key names) are generated from the
+fields below, so a new option is one line here: its default, its help text and, where it has
+a fixed set of values, its choices. Validation that needs more than one field lives in
+`TrainConfig.validate()` so bad combinations fail before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("legacy", "shared_vllm", "lora_hotswap", "lora_nccl")
+LORA_MODES = ("lora_hotswap", "lora_nccl")
+OPTIMIZER_NAMES = ("adamw", "adamw_8bit", "adamw_cpu", "adafactor")
+LOSSES = ("grpo", "gspo", "gspo_token")
+LOSS_LEVEL = {"grpo": "token", "gspo": "sequence", "gspo_token": "sequence_token"}
+# Per-loss clip defaults: GSPO ratios are sequence-level geometric means, so they need a far
+# narrower trust region (Zheng et al. 2025 use 3e-4 / 4e-4).
+DEFAULT_EPS = {"grpo": (0.2, 0.2), "gspo": (3e-4, 4e-4), "gspo_token": (3e-4, 4e-4)}
+NORMS = ("sequence", "token", "constant")
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, group: str = "") -> Any:
+    """A dataclass field that carries its CLI help text and choices."""
+    meta = {"help": help, "choices": choices, "group": group}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- what to run -------------------------------------------------------------------
+    mode: str = opt("legacy", "How vLLM gets new weights. One of the built-in modes, or "
+                    "'package.module:function' / 'path/to/file.py:function' for your own "
+                    "copy of a mode.", group="run")
+    model: str = opt(DEFAULT_MODEL, "Model to train: a local directory, a Hugging Face id "
+                     "(where a hub is reachable), or the embedded default "
+                     f"'{DEFAULT_MODEL}' (prepared offline on first use).", group="run")
+    steps: int = opt(20, "Number of training steps (optimizer updates).", group="run")
+    seed: int = opt(0, "Random seed for torch, Python and LoRA initialisation.", group="run")
+    device: str = opt("auto", "Trainer device; 'auto' picks CUDA when available.", DEVICES, "run")
+    dtype: str = opt("auto", "Trainer weight dtype; 'auto' is bfloat16 on CUDA and float32 on "
+                     "CPU (fp32 keeps vLLM and trainer log-probs comparable).", DTYPES, "run")
+
+    # --- data --------------------------------------------------------------------------
+    api_url: str = opt("http://127.0.0.1:8000", "Trajectory API (Atropos run-api protocol).",
+                       group="data")
+    api_timeout: float = opt(30.0, "Seconds to wait for the API to answer at start-up.",
+                             group="data")
+    batch_timeout: float = opt(600.0, "Seconds to wait for one batch before giving up.",
+                               group="data")
+    batch_size: int = opt(16, "Sequences per training step (the API serves exactly this).",
+                          group="data")
+    micro_batch_size: int = opt(4, "Sequences per forward/backward; gradients accumulate.",
+                                group="data")
+    max_token_len: int = opt(512, "Longest sequence (prompt + completion) the API accepts.",
+                             group="data")
+    adv_std_norm: bool = opt(True, "Divide group advantages by the group's reward std "
+                             "(off: Dr. GRPO).", group="data")
+
+    # --- loss --------------------------------------------------------------------------
+    loss: str = opt("grpo", "grpo: token-level ratio; gspo: sequence-level ratio; gspo_token: "
+                    "GSPO with per-token gradients.", LOSSES, "loss")
+    eps_low: float | None = opt(None, "Lower clip epsilon (default 0.2 for grpo, 3e-4 for "
+                                "gspo*).", group="loss")
+    eps_high: float | None = opt(None, "Upper clip epsilon, > eps_low for clip-higher "
+                                 "(default 0.2 for grpo, 4e-4 for gspo*).", group="loss")
+    norm: str = opt("sequence", "Loss normalisation: sequence (mean per sequence, then over "
+                    "sequences), token (all tokens of the batch), constant (B*T).", NORMS, "loss")
+    kl_coef: float = opt(0.0, "KL penalty (k3) to the reference policy: the base model with "
+                         "the adapter disabled in LoRA modes, the batch's ref_logprobs "
+                         "otherwise.", group="loss")
+    logprob_chunk_size: int = opt(1024, "Positions per chunk when computing sampled-token "
+                                  "log-probs (bounds logits memory).", group="loss")
+
+    # --- optimisation ------------------------------------------------------------------
+    optimizer: str = opt("adamw", "Optimizer.", OPTIMIZER_NAMES, "optim")
+    lr: float = opt(1e-5, "Peak learning rate.", group="optim")
+    warmup_steps: int = opt(0, "Linear warm-up steps.", group="optim")
+    lr_schedule: str = opt("constant", "Learning-rate schedule after warm-up.", SCHEDULES,
+                           "optim")
+    weight_decay: float = opt(0.0, "Decoupled weight decay.", group="optim")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).",
+                               group="optim")
+
+    # --- LoRA --------------------------------------------------------------------------
+    lora_rank: int = opt(8, "LoRA rank (lora_* modes).", group="lora")
+    lora_alpha: float = opt(16.0, "LoRA alpha.", group="lora")
+    lora_dropout: float = opt(0.0, "LoRA dropout.", group="lora")
+    lora_target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module names that get an adapter.", group="lora")
+    lora_layers: list[int] = opt([], "Only adapt these layer indices (empty: all layers).",
+                                 group="lora")
+
+    # --- vLLM --------------------------------------------------------------------------
+    vllm_url: str = opt("", "Use a vLLM server you started yourself (e.g. "
+                        "http://127.0.0.1:9001) instead of starting one.", group="vllm")
+    vllm_port: int = opt(9001, "Port of the vLLM server the trainer starts.", group="vllm")
+    vllm_gpu_memory_utilization: float = opt(0.45, "GPU memory share for vLLM (GPU only).",
+                                             group="vllm")
+    vllm_tensor_parallel_size: int = opt(1, "vLLM tensor parallel size (GPU only).",
+                                         group="vllm")
+    vllm_kv_cache_gib: float = opt(1.0, "KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).",
+                                   group="vllm")
+    vllm_enforce_eager: bool = opt(True, "Start vLLM with --enforce-eager (faster start-up).",
+                                   group="vllm")
+    vllm_startup_timeout: float = opt(300.0, "Seconds to wait for vLLM's /health.",
+                                      group="vllm")
+    vllm_extra_args: list[str] = opt([], "Extra arguments passed to the vLLM server.",
+                                     group="vllm")
+    sync_every: int = opt(1, "Steps between weight syncs to vLLM.", group="vllm")
+
+    # --- output ------------------------------------------------------------------------
+    save_path: str = opt("runs/latest", "Directory for checkpoints, logs and benchmark files.",
+                         group="output")
+    save_every: int = opt(0, "Checkpoint every N steps (0: only at the end).", group="output")
+    keep_checkpoints: int = opt(2, "How many step checkpoints to keep.", group="output")
+    resume: str = opt("", "Resume from a checkpoint directory (or a save_path: its latest).",
+                      group="output")
+    benchmark: bool = opt(False, "Record per-step timing and memory and print a summary.",
+                          group="output")
+    benchmark_json: str = opt("", "Write every step and the summary to this JSON file.",
+                              group="output")
+    wandb_project: str = opt("", "Log to this Weights & Biases project (empty: off).",
+                             group="output")
+    wandb_group: str = opt("", "Weights & Biases group.", group="output")
+    log_level: str = opt("INFO", "Logging level.", ("DEBUG", "INFO", "WARNING", "ERROR"),
+                         "output")
+
+    # --- derived -----------------------------------------------------------------------
+    @property
+    def level(self) -> str:
+        """Importance-ratio level that `loss.policy_loss` expects."""
+        return LOSS_LEVEL[self.loss]
+
+    @property
+    def clip_eps(self) -> tuple[float, float]:
+        low, high = DEFAULT_EPS[self.loss]
+        return (low if self.eps_low is None else self.eps_low,
+                high if self.eps_high is None else self.eps_high)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.mode in LORA_MODES
+
+    def validate(self) -> "TrainConfig":
+        """Reject bad values and combinations before any process starts."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        for name in ("steps", "batch_size", "micro_batch_size", "max_token_len", "sync_every",
+                     "lora_rank", "logprob_chunk_size"):
+            need(getattr(self, name) > 0, f"--{dashed(name)} must be positive, got "
+                 f"{getattr(self, name)}")
+        for name in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm", "kl_coef",
+                     "lora_dropout", "keep_checkpoints"):
+            need(getattr(self, name) >= 0, f"--{dashed(name)} must be >= 0, got "
+                 f"{getattr(self, name)}")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(":" in self.mode or self.mode in MODES,
+             f"invalid --mode {self.mode!r}: choose from {', '.join(MODES)} or give "
+             "'package.module:function' / 'file.py:function'")
+        low, high = self.clip_eps
+        need(0 <= low < 1 and high >= 0, f"clip epsilons must satisfy 0 <= eps_low < 1 and "
+             f"eps_high >= 0, got {low}, {high}")
+        need(self.micro_batch_size <= self.batch_size,
+             f"--micro-batch-size ({self.micro_batch_size}) exceeds --batch-size "
+             f"({self.batch_size})")
+        lora_changed = [f.name for f in dataclasses.fields(self)
+                        if f.metadata.get("group") == "lora"
+                        and getattr(self, f.name) != getattr(DEFAULTS, f.name)]
+        need(not lora_changed or self.is_lora or ":" in self.mode,
+             f"--{dashed(lora_changed[0]) if lora_changed else ''} only applies to the LoRA "
+             f"modes ({', '.join(LORA_MODES)}), not --mode {self.mode}")
+        need(self.vllm_tensor_parallel_size == 1 or self.mode != "shared_vllm",
+             "shared_vllm needs --vllm-tensor-parallel-size 1 (each trainer parameter aliases "
+             "one vLLM tensor)")
+        need(self.model == DEFAULT_MODEL or Path(self.model).expanduser().is_dir()
+             or _looks_like_hub_id(self.model),
+             f"model directory {self.model!r} does not exist: pass --model with a directory "
+             "holding config.json, a Hugging Face id, or leave the default to use the "
+             "embedded model")
+        if self.resume:
+            need(Path(self.resume).exists(), f"--resume {self.resume!r} does not exist")
+        return self
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message names the option and what would be valid."""
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """'org/name' or 'name', not a filesystem path (those must exist)."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "\\" not in name
+
+
+def dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+DEFAULTS = TrainConfig()

@@ -1,0 +1,75 @@
+"""The command line: help lists every choice, bad input fails in one line, config files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from example_trainer.cli import parse_config, resolve_mode
+from example_trainer.config import ConfigError
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "example_trainer", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_modes_optimizers_and_losses():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for word in ("legacy", "shared_vllm", "lora_hotswap", "lora_nccl", "adamw_8bit",
+                 "adamw_cpu", "adafactor", "gspo_token", "--benchmark-json", "--resume",
+                 "--wandb-project", "--config"):
+        assert word in out.stdout, word
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--mode", "nope"], "legacy, shared_vllm, lora_hotswap, lora_nccl"),
+    (["--optimizer", "sgd"], "'adamw', 'adamw_8bit', 'adamw_cpu', 'adafactor'"),
+    (["--loss", "ppo"], "'grpo', 'gspo', 'gspo_token'"),
+    (["--steps", "-3"], "--steps must be positive"),
+    (["--model", "./missing-model-dir"], "does not exist"),
+    (["--mode", "shared_vllm", "--lora-rank", "4"], "only applies to the LoRA modes"),
+    (["--micro-batch-size", "32", "--batch-size", "8"], "exceeds --batch-size"),
+])
+def test_bad_values_fail_with_one_line(args, expected):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+
+
+def test_config_file_then_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('mode = "lora_nccl"\nlora-rank = 4\nlr = 3e-5\nloss = "gspo"\n')
+    cfg = parse_config(["--config", str(toml), "--lr", "1e-4"])
+    assert (cfg.mode, cfg.lora_rank, cfg.lr, cfg.level) == ("lora_nccl", 4, 1e-4, "sequence")
+    assert cfg.clip_eps == (3e-4, 4e-4)
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("optimizer: adafactor\nlora_target_modules: [q_proj, v_proj]\n"
+                    "mode: lora_hotswap\n")
+    cfg = parse_config(["--config", str(yaml)])
+    assert cfg.optimizer == "adafactor" and cfg.lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_config_file_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 1.0\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(bad)])
+    out = run_cli("--config", str(bad))
+    assert "unknown option 'learning_rate'" in out.stderr
+    bad.write_text('optimizer = "sgd"\n')
+    assert "choose from adamw" in run_cli("--config", str(bad)).stderr
+
+
+def test_custom_mode_from_file(tmp_path):
+    mode = tmp_path / "my_mode.py"
+    mode.write_text("def train(config):\n    return config.steps\n")
+    assert resolve_mode(f"{mode}:train")(parse_config(["--steps", "3"])) == 3
+    with pytest.raises(ConfigError, match="has no function 'run'"):
+        resolve_mode(f"{mode}:run")
+    with pytest.raises(ConfigError, match="cannot import"):
+        resolve_mode("no_such_package.mod:train")
