@@ -12,6 +12,7 @@ import difflib
 import importlib
 import importlib.util
 import logging
+import signal
 import sys
 import tomllib
 import types
@@ -19,12 +20,13 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .api import ApiUnavailable
 from .config import DEFAULTS, MODES, ConfigError, TrainConfig, dashed
 
 log = logging.getLogger(__name__)
 
 GROUP_TITLES = {"run": "run", "data": "data and trajectory API", "loss": "loss",
-                "optim": "optimisation", "lora": "LoRA (lora_* modes)", "vllm": "vLLM",
+                "optim": "optimisation", "lora": "LoRA (lora_* modes)", "vllm": "vLLM", "eval": "held-out evaluation",
                 "output": "checkpoints, benchmark and logging"}
 
 
@@ -124,6 +126,13 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         parser.error(str(err))
 
 
+def _operational_errors() -> tuple[type[BaseException], ...]:
+    from .parity import ParityError
+    from .vllm.server import VLLMStartupError
+    return (ApiUnavailable, TimeoutError, FileNotFoundError, VLLMStartupError, ParityError,
+            ConfigError)
+
+
 def resolve_mode(mode: str) -> Callable[[TrainConfig], Any]:
     """Find a mode's `train(config)`: a built-in name, 'pkg.module:fn' or 'file.py:fn'."""
     if mode in MODES:
@@ -152,12 +161,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    # One compact line per step is the progress output; per-file bars only add noise.
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     try:
         train = resolve_mode(config.mode)
     except ConfigError as err:
         build_parser().error(str(err))
-    result = train(config)
-    return 0 if result is None or result is True else int(bool(result is False))
+    # SIGTERM's default kills at once; as SystemExit it unwinds the mode's `with` blocks,
+    # which stop vLLM's process group and tell the API that training stopped.
+    OPERATIONAL_ERRORS = _operational_errors()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        train(config)
+    except KeyboardInterrupt:
+        log.error("interrupted: child processes were stopped")
+        return 130
+    except OPERATIONAL_ERRORS as err:  # expected failures: one clear line, no traceback
+        log.error("%s: %s", type(err).__name__, err)
+        log.debug("traceback", exc_info=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -110,15 +110,34 @@ class TrainConfig:
                                              group="vllm")
     vllm_tensor_parallel_size: int = opt(1, "vLLM tensor parallel size (GPU only).",
                                          group="vllm")
-    vllm_kv_cache_gib: float = opt(1.0, "KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).",
-                                   group="vllm")
+    vllm_kv_cache_gib: int = opt(1, "KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).",
+                                 group="vllm")
     vllm_enforce_eager: bool = opt(True, "Start vLLM with --enforce-eager (faster start-up).",
                                    group="vllm")
     vllm_startup_timeout: float = opt(300.0, "Seconds to wait for vLLM's /health.",
                                       group="vllm")
     vllm_extra_args: list[str] = opt([], "Extra arguments passed to the vLLM server.",
                                      group="vllm")
+    served_name: str = opt("policy", "Model name vLLM serves the current policy under; the "
+                           "environment samples with it (in LoRA modes it is the adapter's "
+                           "name).", group="vllm")
     sync_every: int = opt(1, "Steps between weight syncs to vLLM.", group="vllm")
+    parity_check: bool = opt(False, "After every sync, compare vLLM's log-probs of a probe "
+                             "sequence with the trainer's and fail if they differ by more "
+                             "than --parity-atol (the proof that the sync worked).",
+                             group="vllm")
+    parity_atol: float = opt(1e-4, "Largest allowed |vLLM - trainer| probe log-prob gap "
+                             "(fp32 on CPU agrees to ~1e-6).", group="vllm")
+
+    # --- evaluation --------------------------------------------------------------------
+    eval_env: str = opt("environments.arithmetic:ArithmeticEnv", "Environment class whose "
+                        "held-out set is scored through vLLM before and after training "
+                        "(empty: no evaluation).", group="eval")
+    eval_size: int = opt(64, "Held-out problems per evaluation (0: no evaluation).",
+                         group="eval")
+    eval_temperature: float = opt(1.0, "Sampling temperature of the evaluation (0: greedy).",
+                                  group="eval")
+    eval_max_tokens: int = opt(48, "Completion tokens per evaluation answer.", group="eval")
 
     # --- output ------------------------------------------------------------------------
     save_path: str = opt("runs/latest", "Directory for checkpoints, logs and benchmark files.",

@@ -77,3 +77,59 @@ def api_url() -> str:
     proc = start_api_server(port)
     yield f"http://127.0.0.1:{port}"
     stop_process_group(proc)
+
+
+def start_environment(api_url: str, vllm_port: int, tokenizer_dir: Path, log_path: Path,
+                      *extra: str) -> subprocess.Popen:
+    """The real arithmetic environment as its own process, sampling from `policy`.
+
+    A random tiny model never answers correctly, so tests give partial credit for any
+    number: rewards then vary within groups and GRPO has a signal.
+    """
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "environments.arithmetic", "--api-url", api_url,
+             "--vllm-url", f"http://127.0.0.1:{vllm_port}", "--model-name", "policy",
+             "--tokenizer", str(tokenizer_dir), "--group-size", "4", "--max-tokens", "12",
+             "--partial-credit", "0.5", "--log-level", "INFO", *extra],
+            cwd=REPO, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def run_trainer(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m example_trainer ...` as a user runs it, in its own process group."""
+    proc = subprocess.Popen([sys.executable, "-m", "example_trainer", *args], cwd=REPO,
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process_group(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"trainer timed out after {timeout} s:\n{out[-5000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def processes_listening_on(port: int) -> list[int]:
+    """PIDs whose command line names this port (to prove a server is really gone)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--port" in cmd and str(port).encode() in cmd and any(b"vllm" in c for c in cmd):
+            pids.append(int(entry.name))
+    return pids
+
+
+def tiny_trainer_args(model_dir: Path, api_url: str, vllm_port: int, run_dir: Path,
+                      steps: int = 3) -> list[str]:
+    """Flags for a fast, exact (fp32) end-to-end run on the tiny model."""
+    return ["--model", str(model_dir), "--api-url", api_url, "--vllm-port", str(vllm_port),
+            "--steps", str(steps), "--batch-size", "8", "--micro-batch-size", "4",
+            "--lr", "1e-3", "--max-token-len", "128", "--dtype", "float32",
+            "--save-path", str(run_dir), "--benchmark",
+            "--benchmark-json", str(run_dir / "bench.json"), "--parity-check",
+            "--eval-size", "4", "--eval-max-tokens", "8", "--batch-timeout", "600"]

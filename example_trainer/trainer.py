@@ -1,0 +1,208 @@
+"""Set-up and tear-down every mode shares, so a mode file holds only its loop and its sync.
+
+`TrainingRun` gathers the pieces a loop needs (model, optimizer, schedule, fetcher, recorder,
+checkpoints), restores them on `--resume`, and on exit tells the trajectory API that training
+finished and prints the run summary. `start_vllm` starts (or attaches to) the server a mode
+syncs to; `ParityProbe` proves after each sync that vLLM serves the trainer's weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import BatchFetcher, TrajectoryClient
+from .bench import Recorder
+from .checkpoint import Checkpointer, find_checkpoint, load_trainer_state, save_weights
+from .config import TrainConfig
+from .model import load_model, resolve_device, resolve_model_path
+from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def pin_trainer_cores(reserved_for_vllm: set[int]) -> None:
+    """On CPU, keep the trainer off the core vLLM's worker binds to (unpinned, the two
+    fight and a step gets 10-20x slower; DESIGN.md section 5)."""
+    available = os.sched_getaffinity(0)
+    mine = available - reserved_for_vllm
+    if not mine or mine == available:
+        return
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+    log.info("trainer pinned to cores %s, vLLM to %s", sorted(mine), sorted(reserved_for_vllm))
+
+
+@dataclass
+class TrainingRun:
+    cfg: TrainConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    fetcher: BatchFetcher
+    recorder: Recorder
+    checkpoints: Checkpointer
+    start_step: int = 0
+    model_path: str = ""
+    results: dict[str, Any] = field(default_factory=dict)
+    children: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @classmethod
+    def setup(cls, cfg: TrainConfig) -> "TrainingRun":
+        """Everything before the loop; resumes model, optimizer, schedule, RNG and step."""
+        torch.manual_seed(cfg.seed)
+        if resolve_device(cfg).type == "cpu" and not cfg.vllm_url:
+            pin_trainer_cores({0})
+        checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+        model, tokenizer = load_model(cfg, resume_from=checkpoint)
+        optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr,
+                                    weight_decay=cfg.weight_decay)
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+        start = load_trainer_state(checkpoint, optimizer, scheduler)["step"] if checkpoint else 0
+        client = TrajectoryClient(cfg.api_url)
+        client.wait_until_up(cfg.api_timeout)
+        fetcher = BatchFetcher(client, batch_size=cfg.batch_size,
+                               max_token_len=cfg.max_token_len, num_steps=cfg.steps,
+                               pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                               std_norm=cfg.adv_std_norm, batch_timeout=cfg.batch_timeout,
+                               starting_step=start, checkpoint_dir=cfg.save_path,
+                               wandb_project=cfg.wandb_project, wandb_group=cfg.wandb_group)
+        recorder = Recorder(mode=cfg.mode, total_steps=cfg.steps, benchmark=cfg.benchmark,
+                            json_path=cfg.benchmark_json, wandb_project=cfg.wandb_project,
+                            wandb_group=cfg.wandb_group, config=cfg)
+        return cls(cfg, model, tokenizer, optimizer, scheduler, fetcher, recorder,
+                   Checkpointer(cfg.save_path, cfg.save_every, cfg.keep_checkpoints), start,
+                   model_path=resolve_model_path(cfg.model))
+
+    def steps(self) -> range:
+        """1-based numbers of the steps still to run."""
+        return range(self.start_step + 1, self.cfg.steps + 1)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint holds (keyword arguments of Checkpointer.save)."""
+        return dict(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                    scheduler=self.scheduler)
+
+    def save_served_weights(self, step: int) -> Path:
+        """Full weights (no optimizer state) in a fresh directory vLLM can load."""
+        path = Path(self.cfg.save_path) / f"served-step-{step:06d}"
+        return save_weights(path, self.model, self.tokenizer)
+
+    def evaluate(self, vllm_url: str, when: str) -> float | None:
+        """Held-out accuracy through vLLM with the environment's own scorer."""
+        cfg = self.cfg
+        if not cfg.eval_env or cfg.eval_size <= 0:
+            return None
+        module, _, name = cfg.eval_env.partition(":")
+        env_cls = getattr(importlib.import_module(module), name)
+        from environments.base import EnvConfig
+        env = env_cls(EnvConfig(vllm_url=vllm_url, model_name=cfg.served_name,
+                                tokenizer=self.model_path, max_tokens=cfg.eval_max_tokens),
+                      tokenizer=self.tokenizer)
+        accuracy = env.evaluate(env.eval_items(cfg.eval_size, seed=cfg.seed),
+                                temperature=cfg.eval_temperature)
+        self.results[f"eval_{when}"] = accuracy
+        log.info("held-out accuracy %s training: %.3f (%d problems, T=%.1f)", when, accuracy,
+                 cfg.eval_size, cfg.eval_temperature)
+        return accuracy
+
+    def start_vllm(self, model_path: str | Path, **options: Any):
+        """Start the server this run syncs to; it is stopped when the run exits, however."""
+        server = start_vllm(self.cfg, model_path, **options)
+        self.children.callback(server.stop)
+        return server
+
+    def __enter__(self) -> "TrainingRun":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        reason = "completed" if exc_type is None else f"failed: {exc_type.__name__}"
+        self.children.close()  # stop vLLM (by process group) before anything else
+        self.fetcher.finish(reason)
+        self.recorder.close(**self.results, rejected_groups=self.fetcher.rejected_groups)
+        if exc_type is None:
+            log.info("%s", self.summary())
+
+    def summary(self) -> str:
+        records = self.recorder.records
+        if not records:
+            return "no steps were run"
+        mean = lambda key: sum(r.get(key, 0.0) for r in records) / len(records)  # noqa: E731
+        lines = [f"run summary ({self.cfg.mode}):",
+                 f"  steps            {records[-1]['step']}",
+                 f"  reward           first {records[0].get('train/reward_mean', 0):.3f} -> "
+                 f"last {records[-1].get('train/reward_mean', 0):.3f}"]
+        if "eval_before" in self.results:
+            lines.append(f"  held-out acc.    {self.results['eval_before']:.3f} -> "
+                         f"{self.results.get('eval_after', float('nan')):.3f} "
+                         f"(T={self.cfg.eval_temperature})")
+        lines += [f"  mean step time   {mean('step_s'):.2f} s (train {mean('train_s'):.2f}, "
+                  f"sync {mean('sync_s'):.2f}, data wait {mean('data_s'):.2f})",
+                  f"  rejected groups  {self.fetcher.rejected_groups}",
+                  f"  checkpoints      {self.cfg.save_path}"]
+        if self.cfg.benchmark_json:
+            lines.append(f"  benchmark JSON   {self.cfg.benchmark_json}")
+        return "\n".join(lines)
+
+
+class ParityProbe:
+    """After each sync: vLLM's probe log-probs must equal the trainer's and must have moved."""
+
+    def __init__(self, run: TrainingRun, client: Any, served_model: str) -> None:
+        from .parity import default_probe_tokens
+        self.model, self.client, self.served_model = run.model, client, served_model
+        self.atol = run.cfg.parity_atol
+        self.tokens = default_probe_tokens(run.tokenizer)
+        self.previous = self._served()
+
+    def _served(self) -> torch.Tensor:
+        from .parity import vllm_probe_logprobs
+        return vllm_probe_logprobs(self.client, self.tokens, model=self.served_model)
+
+    def check(self) -> dict[str, float]:
+        from .parity import check_parity
+        gap = check_parity(self.model, self.client, self.tokens, atol=self.atol,
+                           served_model=self.served_model)
+        current = self._served()
+        moved = float((current - self.previous).abs().max())
+        self.previous = current
+        return {"sync/parity_max_abs": gap, "sync/probe_moved_max_abs": moved}
+
+
+def start_vllm(cfg: TrainConfig, model_path: str | Path, **options: Any):
+    """Start vLLM as the config says; options are VLLMServer's (LoRA, worker extension).
+
+    The caller owns the server: prefer `TrainingRun.start_vllm`, which stops it on exit."""
+    from .vllm.server import VLLMServer
+    gpu = torch.cuda.is_available()
+    server = VLLMServer(
+        model_path, port=cfg.vllm_port, served_model_name=options.pop("served_model_name",
+                                                                      cfg.served_name),
+        max_model_len=cfg.max_token_len, enforce_eager=cfg.vllm_enforce_eager,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if gpu else None,
+        tensor_parallel_size=cfg.vllm_tensor_parallel_size if gpu else None,
+        kv_cache_gib=None if gpu else cfg.vllm_kv_cache_gib, seed=cfg.seed,
+        log_path=Path(cfg.save_path) / "vllm.log", extra_args=cfg.vllm_extra_args,
+        startup_timeout=cfg.vllm_startup_timeout, dev_mode=True,
+        # Sampled-token log-probs after temperature, the distribution the trainer's
+        # logits / T reproduces (vLLM's default is the raw, pre-temperature one).
+        logprobs_mode="processed_logprobs", **options)
+    Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
+    server.start()
+    log.info("vLLM serving %s as %r at %s (start-up %.1f s)", model_path, cfg.served_name,
+             server.url, server.startup_seconds)
+    return server
+
+
+def remove_dir(path: Path | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
