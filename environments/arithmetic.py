@@ -207,6 +207,10 @@ class ArithmeticEnv(Environment):
             return 1.0
         return self.partial_credit if answer is not None else 0.0
 
+    def eval_score(self, item: Item, completion_text: str) -> float:
+        """Exact-answer accuracy, whatever partial credit training gives."""
+        return 1.0 if extract_answer(completion_text) == item.answer else 0.0
+
     def eval_items(self, n: int, seed: int = 0) -> list[ArithmeticItem]:
         return eval_items(n, seed, self.difficulty, self.heldout_fraction)
 

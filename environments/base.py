@@ -275,12 +275,19 @@ class Environment:
         self.stats = EnvStats()
         self.rng = random.Random(config.seed)
         self.env_id: int | None = None
-        self.session = requests.Session()
         self._tokenizer = tokenizer
+        self._local = threading.local()  # one requests.Session per worker thread
         self._model_name = config.model_name
         self.max_token_length = config.max_token_length  # lowered to the trainer's if smaller
         self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers can fail "Already borrowed"
         self._stop = threading.Event()
+
+    @property
+    def session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
 
     # --- the task: override these ---------------------------------------------------------
 
@@ -291,6 +298,11 @@ class Environment:
     def score(self, item: Item, completion_text: str) -> float:
         """Reward of one completion (a finite float)."""
         raise NotImplementedError
+
+    def eval_score(self, item: Item, completion_text: str) -> float:
+        """Score used by `evaluate()`; override when the training reward is shaped (partial
+        credit) and held-out accuracy must count exact answers only."""
+        return self.score(item, completion_text)
 
     # --- tokenizer and model --------------------------------------------------------------
 
@@ -311,10 +323,12 @@ class Environment:
         `return_dict=False`; older versions reject that argument, so both forms are handled.
         """
         kwargs = dict(add_generation_prompt=True, tokenize=True)
-        try:
-            ids = self.tokenizer.apply_chat_template(item.messages, return_dict=False, **kwargs)
-        except TypeError:
-            ids = self.tokenizer.apply_chat_template(item.messages, **kwargs)
+        with self._tokenizer_lock:
+            try:
+                ids = self.tokenizer.apply_chat_template(item.messages, return_dict=False,
+                                                         **kwargs)
+            except TypeError:
+                ids = self.tokenizer.apply_chat_template(item.messages, **kwargs)
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         if ids and isinstance(ids[0], list):
@@ -620,6 +634,7 @@ class Environment:
         """Register, then sample/score/post until training finishes or `max_groups` posted."""
         max_groups = max_groups if max_groups is not None else self.config.max_groups
         self._stop.clear()
+        _ = self.tokenizer  # load it here: lazy imports of transformers race across threads
         try:
             if not self.register():
                 return self.stats
@@ -656,7 +671,7 @@ class Environment:
                                             temperature=temperature, logprobs=False)
             choices = self._vllm_call("POST", "/v1/completions", json=body,
                                       expected_choices=len(chunk))
-            total += sum(float(self.score(item, c.get("text") or ""))
+            total += sum(float(self.eval_score(item, c.get("text") or ""))
                          for item, c in zip(chunk, choices))
         accuracy = total / len(items)
         log.info("evaluated %d items at T=%.2f: mean score %.4f", len(items), temperature,

@@ -46,7 +46,6 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)

@@ -60,8 +60,6 @@ class TrainingRun:
     def setup(cls, cfg: TrainConfig) -> "TrainingRun":
         """Everything before the loop; resumes model, optimizer, schedule, RNG and step."""
         torch.manual_seed(cfg.seed)
-        if resolve_device(cfg).type == "cpu" and not cfg.vllm_url:
-            pin_trainer_cores({0})
         checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
         model, tokenizer = load_model(cfg, resume_from=checkpoint)
         optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr,
@@ -117,6 +115,8 @@ class TrainingRun:
 
     def start_vllm(self, model_path: str | Path, **options: Any):
         """Start the server this run syncs to; it is stopped when the run exits, however."""
+        if resolve_device(self.cfg).type == "cpu" and not torch.cuda.is_available():
+            pin_trainer_cores({0})  # VLLMServer binds vLLM's worker to core 0 on CPU
         server = start_vllm(self.cfg, model_path, **options)
         self.children.callback(server.stop)
         return server

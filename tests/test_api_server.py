@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, free_port, start_api_server, stop_process_group
+
 MAX_QUEUE = 64
 
 
@@ -30,50 +26,14 @@ MAX_QUEUE = 64
 # The server under test
 # ---------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=timeout)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    """One real server for the module; its log goes to a file so a full pipe cannot block it."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("api") / "server.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "environments.api_server", "--host", "127.0.0.1",
-             "--port", str(port), "--max-queue-sequences", str(MAX_QUEUE)],
-            cwd=REPO, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"API server exited early:\n{log_path.read_text()[-2000:]}")
-        try:
-            requests.get(f"{url}/status", timeout=1)
-            break
-        except requests.RequestException:
-            if time.monotonic() > deadline:
-                _stop(proc)
-                pytest.fail(f"API server did not answer within 20 s:\n{log_path.read_text()}")
-            time.sleep(0.05)
-    yield url, port
-    _stop(proc)
+    """One real server for the module, with a small queue limit to exercise back-pressure."""
+    port = free_port()
+    proc = start_api_server(port, "--max-queue-sequences", str(MAX_QUEUE),
+                            log_path=tmp_path_factory.mktemp("api") / "server.log")
+    yield f"http://127.0.0.1:{port}", port
+    stop_process_group(proc)
 
 
 @pytest.fixture()

@@ -66,6 +66,14 @@ def test_score_exact_match_only() -> None:
         assert env.score(item, wrong) == 0.0, wrong
 
 
+def test_partial_credit_shapes_training_reward_but_not_eval_accuracy() -> None:
+    env = ArithmeticEnv(EnvConfig(), partial_credit=0.1)
+    item = make_item("3+4")
+    assert (env.score(item, "7"), env.score(item, "8"), env.score(item, "no")) == \
+        (1.0, 0.1, 0.0)
+    assert (env.eval_score(item, "7"), env.eval_score(item, "8")) == (1.0, 0.0)
+
+
 def test_binary_minus_is_not_a_negative_sign() -> None:
     assert extract_answer("10-3") == 3
     assert extract_answer("so 5-3=2") == 2
@@ -302,7 +310,7 @@ def test_register_waits_for_the_trainer(api_url: str) -> None:
 def test_register_after_training_finished_returns_false(api_url: str) -> None:
     start_trainer(api_url, batch_size=4)
     requests.post(f"{api_url}/training_finished", json={"reason": "test"}, timeout=5)
-    env = ArithmeticEnv(EnvConfig(api_url=api_url, group_size=2))
+    env = ArithmeticEnv(EnvConfig(api_url=api_url, group_size=2), tokenizer=FakeTokenizer())
     assert env.register() is False
     assert env.run().posted == 0
 

@@ -12,13 +12,11 @@ import pytest
 import requests
 import torch
 
-from example_trainer.api import BatchFetcher, TrajectoryClient
-from example_trainer.bench import Recorder
-from example_trainer.checkpoint import Checkpointer, find_checkpoint, load_trainer_state
+from example_trainer.checkpoint import find_checkpoint
 from example_trainer.config import TrainConfig
 from example_trainer.model import load_model
-from example_trainer.optim import build_optimizer, build_scheduler
 from example_trainer.step import grpo_step
+from example_trainer.trainer import TrainingRun
 
 STEPS = 4
 BATCH = 4
@@ -49,36 +47,25 @@ def post_groups(api_url: str, groups: list[dict]) -> None:
     assert response.status_code == 200, response.text
 
 
-def train(cfg: TrainConfig, api_url: str, *, stop_after: int | None = None) -> torch.nn.Module:
+def train(cfg: TrainConfig, *, stop_after: int | None = None) -> torch.nn.Module:
     """The loop every mode runs, minus the weight sync (what a mode file contains)."""
-    checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
-    model, tokenizer = load_model(cfg, resume_from=checkpoint)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr,
-                                weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
-    start = load_trainer_state(checkpoint, optimizer, scheduler)["step"] if checkpoint else 0
-    fetcher = BatchFetcher(TrajectoryClient(api_url), batch_size=cfg.batch_size,
-                           max_token_len=cfg.max_token_len, num_steps=cfg.steps,
-                           pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                           starting_step=start, batch_timeout=30)
-    recorder = Recorder(mode="test", total_steps=cfg.steps, benchmark=cfg.benchmark,
-                        json_path=cfg.benchmark_json, config=cfg)
-    checkpoints = Checkpointer(cfg.save_path, cfg.save_every)
-    for step in range(start + 1, (stop_after or cfg.steps) + 1):
-        with recorder.timer("data"):
-            batch = fetcher.next_batch()
-        with recorder.timer("train"):
-            metrics = grpo_step(model, optimizer, batch, cfg, scheduler)
-        recorder.log(step, metrics)
-        checkpoints.maybe_save(step, cfg.steps, model=model, tokenizer=tokenizer,
-                               optimizer=optimizer, scheduler=scheduler)
-    recorder.close()
-    return model
+    run = TrainingRun.setup(cfg)
+    with run:
+        for step in run.steps():
+            if stop_after is not None and step > stop_after:
+                break  # as if the run were killed right after the previous checkpoint
+            with run.recorder.timer("data"):
+                batch = run.fetcher.next_batch()
+            with run.recorder.timer("train"):
+                metrics = grpo_step(run.model, run.optimizer, batch, cfg, run.scheduler)
+            run.recorder.log(step, metrics)
+            run.checkpoints.maybe_save(step, cfg.steps, **run.state())
+    return run.model
 
 
 @pytest.fixture()
 def cfg(tiny_model_dir: Path, tmp_path: Path) -> TrainConfig:
-    return TrainConfig(model=str(tiny_model_dir), steps=STEPS, batch_size=BATCH,
+    return TrainConfig(model=str(tiny_model_dir), steps=STEPS, batch_timeout=30, batch_size=BATCH,
                        micro_batch_size=2, lr=1e-3, warmup_steps=2, lr_schedule="linear",
                        weight_decay=0.01, save_path=str(tmp_path / "run"), save_every=2,
                        benchmark=True, benchmark_json=str(tmp_path / "bench.json"),
@@ -91,8 +78,7 @@ def test_train_loop_records_checkpoints_and_changes_weights(cfg, api_url, tmp_pa
     before = {k: v.clone() for k, v in initial.state_dict().items()}
     post_groups(api_url, make_groups(STEPS * BATCH // 2, vocab=500))
 
-    torch.manual_seed(cfg.seed)
-    model = train(cfg, api_url)
+    model = train(replace(cfg, api_url=api_url))
 
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert len(changed) == len(before), "every parameter should move under AdamW"
@@ -117,19 +103,18 @@ def test_resume_matches_uninterrupted_run(cfg, api_url, tmp_path):
 
     groups = make_groups(STEPS * BATCH // 2, vocab=500, seed=1)
     post_groups(api_url, groups)
-    torch.manual_seed(cfg.seed)
-    uninterrupted = train(replace(cfg, save_path=str(tmp_path / "a"), benchmark_json=""),
-                          api_url)
+    uninterrupted = train(replace(cfg, save_path=str(tmp_path / "a"), benchmark_json="",
+                                  api_url=api_url))
 
     port = free_port()
     server = start_api_server(port)
     try:
         other = f"http://127.0.0.1:{port}"
         post_groups(other, groups)
-        interrupted_cfg = replace(cfg, save_path=str(tmp_path / "b"), benchmark_json="")
-        torch.manual_seed(cfg.seed)
-        train(interrupted_cfg, other, stop_after=2)  # "killed" after the step-2 checkpoint
-        resumed = train(replace(interrupted_cfg, resume=str(tmp_path / "b")), other)
+        interrupted_cfg = replace(cfg, save_path=str(tmp_path / "b"), benchmark_json="",
+                                  api_url=other)
+        train(interrupted_cfg, stop_after=2)  # "killed" after the step-2 checkpoint
+        resumed = train(replace(interrupted_cfg, resume=str(tmp_path / "b")))
     finally:
         stop_process_group(server)
 
