@@ -91,9 +91,11 @@ class TrainingRun:
                     scheduler=self.scheduler)
 
     def save_served_weights(self, step: int) -> Path:
-        """Full weights (no optimizer state) in a fresh directory vLLM can load."""
+        """Weights only (no optimizer state) in a fresh directory vLLM can load: the full
+        model, or just the adapter for a peft model. A new directory per version, so vLLM
+        never reads a half-written one."""
         path = Path(self.cfg.save_path) / f"served-step-{step:06d}"
-        return save_weights(path, self.model, self.tokenizer)
+        return save_weights(path, self.model, None if self.cfg.is_lora else self.tokenizer)
 
     def evaluate(self, vllm_url: str, when: str) -> float | None:
         """Held-out accuracy through vLLM with the environment's own scorer."""
@@ -155,26 +157,59 @@ class TrainingRun:
 
 
 class ParityProbe:
-    """After each sync: vLLM's probe log-probs must equal the trainer's and must have moved."""
+    """After each sync: vLLM's probe log-probs must equal the trainer's and must have moved.
 
-    def __init__(self, run: TrainingRun, client: Any, served_model: str) -> None:
-        from .parity import default_probe_tokens
+    Default: vLLM scores a fixed chat sequence with `prompt_logprobs`. With `sampled=True`
+    (LoRA serving) vLLM instead samples a short answer to the probe question (T=1, fixed
+    seed) and the trainer scores the same tokens: on vLLM 0.32 CPU a prompt-logprobs request
+    under LoRA crashes the engine when other requests share its batch, while sampling is the
+    path the environment uses anyway. "Moved" is the gap between the trainer's new log-probs
+    of the previous probe and what vLLM served for it before the step; with parity holding
+    now, it shows vLLM moved with the trainer.
+    """
+
+    def __init__(self, run: TrainingRun, client: Any, served_model: str, *,
+                 sampled: bool = False, seed: int = 1234, max_tokens: int = 16) -> None:
+        from .parity import PROBE_MESSAGES, default_probe_tokens
         self.model, self.client, self.served_model = run.model, client, served_model
-        self.atol = run.cfg.parity_atol
+        self.atol, self.sampled = run.cfg.parity_atol, sampled
+        self.seed, self.max_tokens = seed, max_tokens
         self.tokens = default_probe_tokens(run.tokenizer)
+        self.prompt = [int(t) for t in run.tokenizer.apply_chat_template(
+            PROBE_MESSAGES[:1], add_generation_prompt=True, tokenize=True,
+            return_dict=False)]
         self.previous = self._served()
 
-    def _served(self) -> torch.Tensor:
+    def _served(self) -> tuple[list[int], torch.Tensor]:
+        """(probe sequence, vLLM's log-probs of its scored tokens)."""
         from .parity import vllm_probe_logprobs
-        return vllm_probe_logprobs(self.client, self.tokens, model=self.served_model)
+        if not self.sampled:
+            return self.tokens, vllm_probe_logprobs(self.client, self.tokens,
+                                                    model=self.served_model)
+        [completion] = self.client.completions(self.prompt, n=1, max_tokens=self.max_tokens,
+                                               temperature=1.0, seed=self.seed,
+                                               model=self.served_model)
+        return (self.prompt + list(completion.token_ids),
+                torch.tensor(completion.logprobs, dtype=torch.float32))
+
+    def _trainer(self, tokens: list[int], n: int) -> torch.Tensor:
+        """The trainer's log-probs of the last n tokens of `tokens`."""
+        from .parity import trainer_probe_logprobs
+        return trainer_probe_logprobs(self.model, tokens)[-n:]
 
     def check(self) -> dict[str, float]:
-        from .parity import check_parity
-        gap = check_parity(self.model, self.client, self.tokens, atol=self.atol,
-                           served_model=self.served_model)
-        current = self._served()
-        moved = float((current - self.previous).abs().max())
-        self.previous = current
+        from .parity import ParityError
+        tokens, served = self._served()
+        gap = float((self._trainer(tokens, len(served)) - served).abs().max())
+        if not gap <= self.atol:  # also catches NaN
+            raise ParityError(f"vLLM does not serve the trainer's weights: max |logprob diff| "
+                              f"{gap:.3g} > --parity-atol {self.atol:.1g} on the probe "
+                              f"({self.served_model!r}, {len(served)} tokens)")
+        old_tokens, old_served = self.previous
+        moved = float((self._trainer(old_tokens, len(old_served)) - old_served).abs().max())
+        self.previous = (tokens, served)
+        log.info("parity ok: max |logprob diff| %.2e (atol %.0e); probe moved %.2e",
+                 gap, self.atol, moved)
         return {"sync/parity_max_abs": gap, "sync/probe_moved_max_abs": moved}
 
 
@@ -201,6 +236,17 @@ def start_vllm(cfg: TrainConfig, model_path: str | Path, **options: Any):
     log.info("vLLM serving %s as %r at %s (start-up %.1f s)", model_path, cfg.served_name,
              server.url, server.startup_seconds)
     return server
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank
+
+
+def vllm_lora_options(cfg: TrainConfig) -> dict[str, Any]:
+    """Serve the base model as 'base' and leave `served_name` to the adapter."""
+    rank = next((r for r in VLLM_LORA_RANKS if r >= cfg.lora_rank), None)
+    if rank is None:
+        raise ValueError(f"--lora-rank {cfg.lora_rank} exceeds vLLM's largest LoRA rank 512")
+    return dict(served_model_name="base", enable_lora=True, max_lora_rank=rank)
 
 
 def remove_dir(path: Path | None) -> None:

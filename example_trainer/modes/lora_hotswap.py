@@ -1,0 +1,59 @@
+"""lora_hotswap: train a LoRA adapter; vLLM swaps in each new version over HTTP.
+
+vLLM serves the frozen base model (as 'base') and the adapter under `--served-name`
+('policy'), which is what the environment samples with. Each sync saves the adapter to a new
+directory and re-registers the name: `POST /v1/unload_lora_adapter` then
+`POST /v1/load_lora_adapter` (a few ms). Requests that arrive in between get a 404 and the
+environment retries them. `load_inplace` is avoided on purpose: on vLLM 0.32 it sticks to the
+request and the worker re-reads the adapter from disk on every engine step (DESIGN.md §5).
+
+    python -m example_trainer --mode lora_hotswap --model DIR --lora-rank 8
+
+Needs vLLM with runtime LoRA (the trainer starts it with --enable-lora and
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; with --vllm-url, start yours the same way).
+"""
+
+from __future__ import annotations
+
+from example_trainer.config import TrainConfig
+from example_trainer.step import grpo_step
+from example_trainer.trainer import ParityProbe, TrainingRun, remove_dir, vllm_lora_options
+from example_trainer.vllm.client import VLLMClient
+
+
+def swap_adapter(client: VLLMClient, name: str, path, loaded: bool) -> None:
+    """Point `name` at the adapter in `path` (vLLM refuses to load a name twice)."""
+    if loaded:
+        client.unload_lora_adapter(name)
+    client.load_lora_adapter(name, str(path))
+
+
+def train(cfg: TrainConfig) -> dict:
+    run = TrainingRun.setup(cfg)
+    with run:  # on exit, however it happens: stop vLLM, tell the API, write the summary
+        # --- vLLM serves the base model; the adapter is loaded from disk by name ----------
+        vllm_url = cfg.vllm_url or run.start_vllm(run.model_path, **vllm_lora_options(cfg)).url
+        client = VLLMClient(vllm_url)
+        adapter = run.save_served_weights(run.start_step)
+        swap_adapter(client, cfg.served_name, adapter, loaded=False)  # before any rollout
+        probe = (ParityProbe(run, client, cfg.served_name, sampled=True)
+                 if cfg.parity_check else None)
+
+        run.evaluate(vllm_url, "before")
+        for step in run.steps():
+            with run.recorder.timer("data"):
+                batch = run.fetcher.next_batch()
+            with run.recorder.timer("train"):
+                metrics = grpo_step(run.model, run.optimizer, batch, cfg, run.scheduler)
+            if step % cfg.sync_every == 0 or step == cfg.steps:
+                with run.recorder.timer("sync"):  # --- sync: save adapter, swap by name
+                    previous, adapter = adapter, run.save_served_weights(step)
+                    swap_adapter(client, cfg.served_name, adapter, loaded=True)
+                    remove_dir(previous)
+                if probe:
+                    metrics |= probe.check()
+            run.recorder.log(step, metrics)
+            run.checkpoints.maybe_save(step, cfg.steps, **run.state())
+        run.evaluate(vllm_url, "after")
+    remove_dir(adapter)  # the final adapter is in the last checkpoint
+    return run.results
