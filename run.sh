@@ -121,7 +121,7 @@ run_system() {
   python -m example_trainer --model "$model" --api-url "http://127.0.0.1:$api_port" \
     --vllm-port "$vllm_port" --save-path "$RUN_DIR" \
     --benchmark --benchmark-json "$RUN_DIR/benchmark.json" "${TRAINER_ARGS[@]}" "$@" \
-    2> >(tee "$RUN_DIR/trainer.log" >&2)
+    2> >(trap '' INT; exec tee "$RUN_DIR/trainer.log" >&2)  # tee outlives Ctrl-C
 }
 
 case "${1:-}" in
