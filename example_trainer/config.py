@@ -101,6 +101,9 @@ class TrainConfig:
         "Module names that get an adapter.", group="lora")
     lora_layers: list[int] = opt([], "Only adapt these layer indices (empty: all layers).",
                                  group="lora")
+    lora_sync_backend: str = opt("auto", "Process-group backend of lora_nccl's adapter "
+                                 "broadcast; 'auto' is NCCL when the trainer is on CUDA, "
+                                 "gloo otherwise.", ("auto", "gloo", "nccl"), "lora")
 
     # --- vLLM --------------------------------------------------------------------------
     vllm_url: str = opt("", "Use a vLLM server you started yourself (e.g. "

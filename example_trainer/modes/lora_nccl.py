@@ -1,0 +1,64 @@
+"""lora_nccl: train a LoRA adapter; each sync broadcasts it into vLLM's memory, no disk.
+
+vLLM serves the frozen base model (as 'base') and the adapter under `--served-name`
+('policy'). The name is registered once from disk (`/v1/load_lora_adapter`: the OpenAI layer
+only knows adapters registered that way). Each sync then packs the adapter into flat buckets,
+broadcasts them over a process group shared with vLLM's worker (gloo on CPU, NCCL on GPU)
+and the worker extension `LoRAReceiver` rebuilds the LoRA model from the tensors and swaps
+it in under the same id; the prefix cache is reset because its keys don't change with an
+in-memory swap (DESIGN.md section 5). Measured 37-49 ms per sync on the tiny test model
+(busy 2-core CPU); DESIGN.md's prototype took ~20 ms for SmolLM2 r=8.
+
+    python -m example_trainer --mode lora_nccl --model DIR --lora-rank 8
+
+With --vllm-url, start your vLLM with --enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True,
+VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls
+example_trainer.vllm.worker_extension.LoRAReceiver.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from example_trainer.config import TrainConfig
+from example_trainer.step import grpo_step
+from example_trainer.trainer import ParityProbe, TrainingRun, remove_dir, vllm_lora_options
+from example_trainer.vllm.client import VLLMClient
+from example_trainer.weight_sync import EXTENSION, AdapterBroadcaster
+
+
+def train(cfg: TrainConfig) -> dict:
+    run = TrainingRun.setup(cfg)
+    with run:  # on exit, however it happens: stop vLLM, tell the API, write the summary
+        # --- vLLM serves the base model with our worker extension -------------------------
+        vllm_url = cfg.vllm_url or run.start_vllm(
+            run.model_path, **vllm_lora_options(cfg), worker_extension_cls=EXTENSION).url
+        client = VLLMClient(vllm_url)
+        workers = cfg.vllm_tensor_parallel_size if torch.cuda.is_available() else 1
+        sender = AdapterBroadcaster(client, run.model, cfg.served_name, workers=workers,
+                                    backend=cfg.lora_sync_backend)
+        sender.join()  # before registering: the worker then sees the registration
+        run.children.callback(sender.close)  # LIFO: the group goes before vLLM stops
+        initial = run.save_served_weights(run.start_step)  # the only write to disk
+        client.load_lora_adapter(cfg.served_name, str(initial))
+        sender.sync()  # from now on an LRU reload gets the in-memory copy, not the dir
+        remove_dir(initial)
+        probe = (ParityProbe(run, client, cfg.served_name, sampled=True)
+                 if cfg.parity_check else None)
+
+        run.evaluate(vllm_url, "before")
+        for step in run.steps():
+            with run.recorder.timer("data"):
+                batch = run.fetcher.next_batch()
+            with run.recorder.timer("train"):
+                metrics = grpo_step(run.model, run.optimizer, batch, cfg, run.scheduler)
+            if step % cfg.sync_every == 0 or step == cfg.steps:
+                with run.recorder.timer("sync"):  # --- sync: broadcast, swap in memory
+                    metrics |= sender.sync()
+                    client.reset_prefix_cache()
+                if probe:
+                    metrics |= probe.check()
+            run.recorder.log(step, metrics)
+            run.checkpoints.maybe_save(step, cfg.steps, **run.state())
+        run.evaluate(vllm_url, "after")
+    return run.results

@@ -1,0 +1,197 @@
+"""Worker-side half of `lora_nccl`: receive a LoRA adapter over a process group, no disk.
+
+Loaded into every vLLM worker with
+`--worker-extension-cls example_trainer.vllm.worker_extension.LoRAReceiver`; the trainer
+calls the methods through `POST /collective_rpc`. The trainer is rank 0 of a *separate*
+process group (its own TCPStore on a fresh port, keys prefixed per run) so vLLM's default
+group is never touched.
+
+Install path (DESIGN.md section 5): the adapter name is registered once from disk through
+`/v1/load_lora_adapter`, which makes the worker's `LRUCacheWorkerLoRAManager.add_adapter`
+load it through `_load_adapter`. We wrap that `_load_adapter` so that, once tensors have
+arrived for an adapter id, it builds the LoRA model from those tensors instead of reading
+the (stale) directory. A sync then only has to drop the adapter from the model manager
+(`_adapter_manager.remove_adapter`) and call the worker manager's own `add_adapter` with the
+remembered request: vLLM's validation, LRU bookkeeping and slot activation all run as usual,
+and a later LRU reload also gets the newest in-memory weights.
+
+Runs inside vLLM's worker process; it must not import the trainer package's heavy modules.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                  "bfloat16": torch.bfloat16}
+
+
+def make_group(host: str, port: int, prefix: str, rank: int, world_size: int, backend: str,
+               timeout_s: float) -> Any:
+    """A standalone process group (not the default one): TCPStore on `host:port` (rank 0
+    hosts it), keys under `prefix` so a stale rendezvous of another run is never read.
+    Blocks until every rank has joined."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, rank == 0, timeout, wait_for_workers=False)
+    store = dist.PrefixStore(prefix, store)
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        opts._timeout = timeout
+        return dist.ProcessGroupGloo(store, rank, world_size, opts)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    raise ValueError(f"unknown weight-sync backend {backend!r} (gloo or nccl)")
+
+
+def broadcast(group: Any, tensor: torch.Tensor, timeout_s: float) -> None:
+    """Broadcast from rank 0 in `group` and wait (a lost peer raises after the timeout)."""
+    opts = dist.BroadcastOptions()
+    opts.rootRank, opts.rootTensor = 0, 0
+    opts.timeout = datetime.timedelta(seconds=timeout_s)
+    group.broadcast([tensor], opts).wait()
+
+
+def unpack(buckets: list[torch.Tensor], specs: list[list[Any]]) -> dict[str, torch.Tensor]:
+    """Split flat per-dtype buckets back into named tensors; specs are (name, shape, dtype)
+    in packing order, and bucket i holds the tensors of the i-th dtype seen."""
+    order = list(dict.fromkeys(dtype for _, _, dtype in specs))
+    offsets = dict.fromkeys(order, 0)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape, dtype in specs:
+        bucket, start = buckets[order.index(dtype)], offsets[dtype]
+        n = 1
+        for d in shape:
+            n *= int(d)
+        out[name] = bucket[start:start + n].view(*shape)
+        offsets[dtype] = start + n
+    return out
+
+
+class LoRAReceiver:
+    """Methods injected into vLLM's worker (`self` is the worker: `self.model_runner`,
+    `self.device`)."""
+
+    def join_weight_group(self, init_method: str, rank_offset: int, world_size: int,
+                          backend: str = "gloo", timeout_s: float = 60.0) -> bool:
+        """Join the trainer's group; `init_method` is `tcp://host:port/prefix`. Every
+        worker gets the same call, so its rank is `rank_offset` + its rank inside vLLM
+        (with tensor parallelism each worker receives the full adapter and shards it)."""
+        rank = rank_offset + self.rank
+        address, _, prefix = init_method.removeprefix("tcp://").partition("/")
+        host, _, port = address.rpartition(":")
+        self._lora_sync_timeout = timeout_s
+        self._lora_sync_group = make_group(host, int(port), prefix, rank, world_size, backend,
+                                           timeout_s)
+        self._lora_sync_backend = backend
+        self._install_memory_loader()
+        log.info("joined weight-sync group %s as rank %d of %d (%s)", init_method, rank,
+                 world_size, backend)
+        return True
+
+    def _install_memory_loader(self) -> None:
+        """Wrap the LoRA manager's `_load_adapter` once: ids that were received over the
+        group are built from the latest tensors; everything else loads from disk as usual."""
+        manager = self.model_runner.lora_manager
+        if getattr(manager, "_lora_sync_wrapped", False):
+            return
+        original = manager._load_adapter
+        manager._lora_sync_tensors = {}  # lora_int_id -> (tensors, peft config)
+        manager._lora_sync_requests = {}  # lora_int_id -> the request vLLM registered
+
+        def load_adapter(lora_request: Any) -> Any:
+            lora_id = lora_request.lora_int_id
+            manager._lora_sync_requests[lora_id] = lora_request
+            if lora_id not in manager._lora_sync_tensors:
+                return original(lora_request)
+            return _lora_from_tensors(manager, lora_id, *manager._lora_sync_tensors[lora_id],
+                                      is_3d=getattr(lora_request, "is_3d_lora_weight", False))
+
+        manager._load_adapter = load_adapter
+        manager._lora_sync_wrapped = True
+
+    def receive_adapter(self, name: str, specs: list[list[Any]], peft_config: dict[str, Any],
+                        bucket_numels: list[int], lora_int_id: int | None = None) -> dict:
+        """Receive the adapter's buckets from rank 0 and make adapter `name` use them.
+
+        `name` must already be registered through `/v1/load_lora_adapter` (that is what
+        maps the OpenAI model name to an int id). Returns timings for the trainer's log."""
+        t0 = time.perf_counter()
+        group = getattr(self, "_lora_sync_group", None)
+        if group is None:
+            raise RuntimeError("receive_adapter before join_weight_group")
+        device = self.device if self._lora_sync_backend == "nccl" else torch.device("cpu")
+        order = list(dict.fromkeys(dtype for _, _, dtype in specs))
+        buckets = [torch.empty(n, dtype=DTYPES[d], device=device)
+                   for n, d in zip(bucket_numels, order)]
+        for bucket in buckets:
+            broadcast(group, bucket, self._lora_sync_timeout)
+        t1 = time.perf_counter()
+        # Views of the buckets, kept as received: every build clones them, because the
+        # manager's optimize() scales lora_b in place (see _lora_from_tensors).
+        tensors = unpack(buckets, specs)
+        manager = self.model_runner.lora_manager
+        if lora_int_id is None:
+            lora_int_id = _registered_id(manager, name)
+        request = manager._lora_sync_requests.get(lora_int_id)
+        if request is None:
+            raise RuntimeError(f"adapter {name!r} (id {lora_int_id}) was never loaded by this "
+                               "worker: register it with /v1/load_lora_adapter first")
+        manager._lora_sync_tensors[lora_int_id] = (tensors, dict(peft_config))
+        manager._adapter_manager.remove_adapter(lora_int_id)
+        # vLLM's own add path (validation, LRU, slot activation) -> wrapped _load_adapter.
+        # The punica mapping is re-derived when the slot layout changes, so nothing else.
+        manager.add_adapter(request)
+        t2 = time.perf_counter()
+        return {"id": lora_int_id, "receive_s": t1 - t0, "install_s": t2 - t1}
+
+    def destroy_weight_group(self) -> bool:
+        """Drop the group (the trainer does the same); adapters stay installed."""
+        group = getattr(self, "_lora_sync_group", None)
+        self._lora_sync_group = None
+        if group is not None and hasattr(group, "shutdown"):
+            try:
+                group.shutdown()
+            except RuntimeError as exc:  # a peer already gone: nothing left to coordinate
+                log.warning("weight-sync group shutdown: %s", exc)
+        return group is not None
+
+
+def _registered_id(manager: Any, name: str) -> int:
+    """The int id vLLM gave adapter `name` (seen when `/v1/load_lora_adapter` loaded it)."""
+    ids = [i for i, r in manager._lora_sync_requests.items() if r.lora_name == name]
+    if len(ids) != 1:
+        raise RuntimeError(f"adapter {name!r} is not (uniquely) registered in this worker: "
+                           f"{ids}; pass lora_int_id")
+    return ids[0]
+
+
+def _lora_from_tensors(manager: Any, lora_id: int, tensors: dict[str, torch.Tensor],
+                       peft_config: dict[str, Any], is_3d: bool = False) -> Any:
+    """Build a vLLM LoRAModel the way `_load_adapter` does, but from tensors in memory."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    config = dict(peft_config, vllm_max_position_embeddings=manager.max_position_embeddings)
+    helper = PEFTHelper.from_dict(config)
+    helper.validate_legal(manager.lora_config)
+    model = manager._adapter_manager.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    first = next(iter(tensors.values()))
+    lora = LoRAModel.from_lora_tensors(
+        lora_id, {k: v.clone() for k, v in tensors.items()}, helper, device=str(first.device),
+        dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
+        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+    lora.is_3d_lora_weight = is_3d
+    return lora
