@@ -11,7 +11,12 @@ and trainers work against it unchanged, but it fixes the reference server's meas
   waits forever;
 - the queue is bounded (`--max-queue-sequences`) and a full queue answers 429 + Retry-After;
 - /reset_data really resets (a later /register takes effect, /batch answers null, not 500);
-- the end of training is an explicit signal (POST /training_finished), not a sample count.
+- the end of training is an explicit signal (POST /training_finished), not a sample count;
+- the trainer publishes the weight version vLLM serves (POST /weight_version, shown in
+  /status), which environments copy into each group they post as `weight_version`;
+- request bodies are capped (`--max-request-mb`, 413 before anything is parsed), gzip bodies
+  (`Content-Encoding: gzip`) are accepted and capped after decompression, other encodings
+  get 415 and a broken gzip stream 400.
 
 Run: python -m environments.api_server --host 127.0.0.1 --port 8000
 """
@@ -25,6 +30,7 @@ import math
 import socket
 import statistics
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -47,6 +53,9 @@ PER_TOKEN_FLOAT_FIELDS = ("advantages", "ref_logprobs", "inference_logprobs")
 # is filled oldest-first (splitting if needed), so an awkwardly sized group cannot starve.
 MAX_PASSED_OVER = 2
 MASK_IGNORE = -100
+# Token ids above int32 belong to no vocabulary, and past int64 the trainer's tensors overflow.
+MAX_TOKEN_ID = 2**31 - 1
+DEFAULT_MAX_REQUEST_MB = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +85,12 @@ class EnvRegistration(BaseModel):
     weight: float = Field(default=1.0, ge=0)
     group_size: int = Field(gt=0)
     min_batch_allocation: float | None = None
+
+
+class WeightVersion(BaseModel):
+    """POST /weight_version: the trainer announces which weights vLLM now serves."""
+
+    version: StrictInt = Field(ge=0)
 
 
 class EnvRef(BaseModel):
@@ -172,6 +187,10 @@ def check_group(group: ScoredData, *, batch_size: int | None, max_token_len: int
         if min(tokens) < 0:
             t = next(t for t, tok in enumerate(tokens) if tok < 0)
             raise GroupError(f"tokens[{i}][{t}] is a negative token id ({tokens[t]})")
+        if max(tokens) > MAX_TOKEN_ID:
+            t = next(t for t, tok in enumerate(tokens) if tok > MAX_TOKEN_ID)
+            raise GroupError(f"tokens[{i}][{t}] is {tokens[t]}, not a token id (ids are "
+                             f"below 2**31; the trainer checks its own vocabulary size)")
         bad = next((t for t, (tok, m) in enumerate(zip(tokens, mask))
                     if m != MASK_IGNORE and m != tok), None)
         if bad is not None:
@@ -284,6 +303,7 @@ class TrajectoryState:
         self.envs: dict[int, EnvRegistration] = {}
         self.next_env_id = 0
         self.latest_example: dict[str, Any] | None = None
+        self.weight_version: int | None = None
 
     # --- trainer and environments -------------------------------------------------------------
 
@@ -430,7 +450,7 @@ class TrajectoryState:
 
     def status(self) -> dict[str, Any]:
         return {"current_step": self.current_step, "queue_size": self.queued_sequences,
-                "training_finished": self.finished,
+                "training_finished": self.finished, "weight_version": self.weight_version,
                 "max_queue_sequences": self.max_queue_sequences}
 
     def env_status(self, env_id: int) -> dict[str, Any]:
@@ -494,11 +514,84 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
-def create_app(max_queue_sequences: int = 4096) -> FastAPI:
+class RequestBodyLimit:
+    """ASGI middleware: bound every request body and decode gzip ones, before any parsing.
+
+    Without it one huge (or highly compressed) post could exhaust the server's memory and lose
+    everything queued. Over the limit: 413; a Content-Encoding other than gzip/identity: 415;
+    a gzip stream that does not decode: 400. Each answer names the limit or the problem.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self, what: str) -> JSONResponse:
+        return _error(413, f"{what} exceeds the server's limit of {self.max_bytes} bytes: "
+                           "post fewer groups at once (or start the server with a larger "
+                           "--max-request-mb)")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {key.lower(): value for key, value in scope["headers"]}
+        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip()
+        if encoding.lower() not in ("", "identity", "gzip"):
+            await _error(415, f"Content-Encoding {encoding!r} is not supported: send plain "
+                              "JSON or gzip")(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"")
+        body, too_large = bytearray(), declared.isdigit() and int(declared) > self.max_bytes
+        more = True
+        while more:  # read (and, once over the limit, discard) so the client gets its answer
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            more = message.get("more_body", False)
+            if not too_large:
+                body += message.get("body", b"")
+                too_large = len(body) > self.max_bytes
+        if too_large:
+            await self._too_large("request body")(scope, receive, send)
+            return
+        if encoding.lower() == "gzip":
+            decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            try:
+                body = bytearray(decoder.decompress(bytes(body), self.max_bytes + 1))
+            except zlib.error as err:
+                await _error(400, f"request body is not valid gzip ({err}) although "
+                                  "Content-Encoding says gzip")(scope, receive, send)
+                return
+            if len(body) > self.max_bytes or decoder.unconsumed_tail:
+                await self._too_large("decompressed request body")(scope, receive, send)
+                return
+            if not decoder.eof:
+                await _error(400, "request body is a truncated gzip stream")(scope, receive,
+                                                                              send)
+                return
+        scope = dict(scope, headers=[(key, value) for key, value in scope["headers"]
+                                     if key.lower() not in (b"content-encoding",
+                                                            b"content-length")]
+                     + [(b"content-length", str(len(body)).encode())])
+        delivered = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_app(max_queue_sequences: int = 4096,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20) -> FastAPI:
     """Build the API around a fresh TrajectoryState (tests and main() both use this)."""
     state = TrajectoryState(max_queue_sequences)
     app = FastAPI(title="example-trainer trajectory API (Atropos run-api protocol)")
     app.state.trajectories = state
+    app.add_middleware(RequestBodyLimit, max_bytes=max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -569,6 +662,14 @@ def create_app(max_queue_sequences: int = 4096) -> FastAPI:
     async def status() -> dict[str, Any]:
         return state.status()
 
+    @app.post("/weight_version")
+    async def weight_version(body: WeightVersion) -> dict[str, Any]:
+        """Environments read it from /status and tag each group with the version it was
+        sampled under, so the trainer can measure (and bound) off-policy staleness."""
+        state.weight_version = body.version
+        log.info("trainer serves weight version %d", body.version)
+        return {"status": "ok", "weight_version": body.version}
+
     @app.get("/status-env")
     async def status_env(request: Request, env_id: int | None = None) -> dict[str, Any]:
         if env_id is None:
@@ -617,6 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--max-queue-sequences", type=_positive_int, default=4096,
                         help="queue bound in sequences; posts beyond it get 429 + Retry-After")
+    parser.add_argument("--max-request-mb", type=_positive_int,
+                        default=DEFAULT_MAX_REQUEST_MB,
+                        help="largest request body in MiB (after gzip decoding); larger "
+                             "posts get 413")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="debug also logs every post and every HTTP request")
@@ -649,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("trajectory API listening on http://%s:%d (max_queue_sequences=%d)", args.host,
              sock.getsockname()[1], args.max_queue_sequences)
-    config = uvicorn.Config(create_app(args.max_queue_sequences), log_config=None,
+    config = uvicorn.Config(create_app(args.max_queue_sequences, args.max_request_mb << 20),
+                            log_config=None,
                             log_level=args.log_level, access_log=args.log_level == "debug")
     uvicorn.Server(config).run(sockets=[sock])
     return 0

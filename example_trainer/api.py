@@ -3,19 +3,24 @@
 The fetcher owns everything between "the API has data" and "a padded Batch": registering the
 trainer, polling /batch with exponential backoff, riding out short API outages, and turning
 groups into tensors. Malformed groups are counted in `rejected_groups`, never silently lost.
+
+The /batch server pops what it serves, so the fetcher remembers the raw groups of the batch
+it handed out last (`in_flight`) until that step is trained: an interruption in between saves
+them with the final checkpoint, and a resumed run trains them first (`replay`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import requests
 
 from .batch import Batch, collate_groups
+from .checkpoint import SAFE_POINTS, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,9 @@ class TrajectoryClient:
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/status")
 
+    def publish_weight_version(self, version: int) -> None:
+        self._call("POST", "/weight_version", json={"version": version})
+
     def finish(self, reason: str = "completed") -> None:
         """Tell environments training is over, so they stop on a signal, not a count."""
         self._call("POST", "/training_finished", json={"reason": reason})
@@ -82,6 +90,15 @@ class FetchStats:
     wait_s: float = 0.0
     polls: int = 0
     rejected_groups: int = 0
+    weight_versions: list[int] = field(default_factory=list)  # as tagged by environments
+    served_version: int | None = None  # what vLLM served when the batch was taken
+
+
+def weight_versions(groups: list[dict[str, Any]]) -> list[int]:
+    """The `weight_version` tags of the groups that have one (environments add it)."""
+    return [g["weight_version"] for g in groups
+            if isinstance(g.get("weight_version"), int) and not isinstance(
+                g.get("weight_version"), bool)]
 
 
 class BatchFetcher:
@@ -100,6 +117,15 @@ class BatchFetcher:
         self.batch_timeout = batch_timeout
         self.rejected_reasons: list[str] = []
         self.last = FetchStats()
+        self.starting_step = starting_step
+        self.replay: list[list[dict[str, Any]]] = []  # untrained batches of an earlier run
+        self.handed_out = 0
+        self.in_flight: list[dict[str, Any]] | None = None  # raw groups of the last batch
+        self.in_flight_rng: dict[str, Any] | None = None   # RNG when it was handed out
+        self.weight_version: int | None = None
+        # Checks run while waiting (e.g. vLLM's health): data waits on vLLM indirectly, so a
+        # dead server must fail the wait clearly instead of running out the batch timeout.
+        self.watchdogs: list[Callable[[], None]] = []
         self._registration = dict(batch_size=batch_size, max_token_len=max_token_len,
                                   num_steps=num_steps, starting_step=starting_step,
                                   checkpoint_dir=checkpoint_dir, wandb_project=wandb_project,
@@ -111,26 +137,56 @@ class BatchFetcher:
     def rejected_groups(self) -> int:
         return len(self.rejected_reasons)
 
+    @property
+    def in_flight_step(self) -> int:
+        """The 1-based step the last handed-out batch is for."""
+        return self.starting_step + self.handed_out
+
+    def untrained(self, completed_step: int) -> list[list[dict[str, Any]]]:
+        """Batches taken from the API (or replayed) that no finished step has trained."""
+        pending = list(self.replay)
+        if self.in_flight is not None and self.in_flight_step > completed_step:
+            pending.insert(0, self.in_flight)
+        return pending
+
+    def _take(self) -> list[dict[str, Any]] | None:
+        if self.replay:
+            log.info("training a batch an interrupted run took from the API but never "
+                     "trained (%d left)", len(self.replay) - 1)
+            return self.replay.pop(0)
+        return self.client.get_batch()
+
     def next_batch(self) -> Batch:
         """Poll /batch with backoff until a usable batch arrives or batch_timeout passes."""
         start = time.monotonic()
         delay, polls, rejected_before = 0.05, 0, self.rejected_groups
         while True:
             polls += 1
-            try:
-                groups = self.client.get_batch()
-            except requests.RequestException as err:
-                log.warning("trajectory API unreachable (%s); retrying", type(err).__name__)
-                groups = None
-            if groups:
-                batch = collate_groups(groups, pad_id=self.pad_id, std_norm=self.std_norm,
-                                       vocab_size=self.vocab_size,
-                                       max_token_len=self.max_token_len,
-                                       rejected=self.rejected_reasons)
+            for check in self.watchdogs:
+                check()
+            # From the API popping a batch until the fetcher has recorded it, SIGINT/SIGTERM
+            # wait (checkpoint.SAFE_POINTS): a batch in transit would be lost to both sides.
+            with SAFE_POINTS.critical():
+                try:
+                    groups = self._take()
+                except requests.RequestException as err:
+                    log.warning("trajectory API unreachable (%s); retrying",
+                                type(err).__name__)
+                    groups = None
+                batch = None
+                if groups:
+                    batch = collate_groups(groups, pad_id=self.pad_id, std_norm=self.std_norm,
+                                           vocab_size=self.vocab_size,
+                                           max_token_len=self.max_token_len,
+                                           rejected=self.rejected_reasons)
                 if batch is not None:
+                    self.in_flight, self.in_flight_rng = groups, rng_state()
+                    self.handed_out += 1
                     self.last = FetchStats(time.monotonic() - start, polls,
-                                           self.rejected_groups - rejected_before)
-                    return batch
+                                           self.rejected_groups - rejected_before,
+                                           weight_versions(groups), self.weight_version)
+            if batch is not None:
+                return batch
             waited = time.monotonic() - start
             if waited > self.batch_timeout:
                 raise TimeoutError(
@@ -140,6 +196,26 @@ class BatchFetcher:
                 log.info("waiting for data from %s (%.0f s so far)", self.client.url, waited)
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
+
+    def publish_weight_version(self, version: int) -> None:
+        """Announce the weights vLLM serves from now on; best effort, like `finish`."""
+        self.weight_version = version
+        try:
+            self.client.publish_weight_version(version)
+        except requests.RequestException as err:
+            log.warning("could not publish weight version %d: %s", version, err)
+
+    def metrics(self) -> dict[str, float]:
+        """The last fetch, for the step's log line: wait, and how stale the rollouts were
+        (the version served when the batch was taken minus the version each group was
+        sampled under, in steps; 0 = on-policy)."""
+        last = self.last
+        out = {"data/wait_s": last.wait_s, "data/rejected_groups": float(last.rejected_groups)}
+        if last.weight_versions and last.served_version is not None:
+            out["data/staleness_max"] = float(last.served_version - min(last.weight_versions))
+            out["data/staleness_mean"] = float(last.served_version - sum(
+                last.weight_versions) / len(last.weight_versions))
+        return out
 
     def finish(self, reason: str = "completed") -> None:
         try:

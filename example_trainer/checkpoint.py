@@ -4,24 +4,139 @@ Each checkpoint is written into a hidden temporary directory, flushed to disk, t
 into place (rename is atomic on one filesystem); `latest` is replaced the same way. Layout:
 
     save_path/step-000012/   model (save_pretrained: full weights, or the LoRA adapter),
-                             tokenizer, trainer_state.pt (step, optimizer, scheduler, RNG)
+                             tokenizer, trainer_state.pt (step, optimizer, scheduler, RNG),
+                             pending_batches.json (only after an interruption: batches taken
+                             from the API but not trained yet; a resume trains them first)
     save_path/latest         the name of the newest complete checkpoint
+
+`SAFE_POINTS` decides where SIGINT/SIGTERM may land: never inside an optimizer update or
+between taking a batch from the API and recording it, so the final checkpoint written on an
+interruption holds whole steps and no batch vanishes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+PENDING_FILE = "pending_batches.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Interruption: signals land only at safe points
+# ---------------------------------------------------------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM. A KeyboardInterrupt, so `except Exception` in library code cannot
+    swallow it; `summary` is filled in by TrainingRun.__exit__ for the CLI's last line."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        self.summary = ""
+        super().__init__(self.name)
+
+
+class SafePoints:
+    """Defers SIGINT/SIGTERM while the trainer is inside a critical section.
+
+    Raising at an arbitrary bytecode could cut an optimizer update in half (some parameters
+    updated, others not) or drop a batch the API has already handed over. Inside `critical()`
+    the handler only records the signal; it is raised when the outermost section ends.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+        self.swallow = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.swallow:
+            log.warning("%s ignored: already stopping (writing the final checkpoint and "
+                        "stopping child processes)", signal.Signals(signum).name)
+            return
+        if self.depth:
+            if self.pending is None:
+                log.warning("%s received: finishing the current update first",
+                            signal.Signals(signum).name)
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Route SIGINT and SIGTERM here (main thread only); restore the old handlers after."""
+        previous = {sig: signal.signal(sig, self.handler)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def enter(self) -> None:
+        self.depth += 1
+
+    def leave(self) -> None:
+        self.depth = max(self.depth - 1, 0)
+        if self.depth == 0 and self.pending is not None and not self.swallow:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        """Signals arriving inside are raised when the block ends (normally)."""
+        self.enter()
+        try:
+            yield
+        except BaseException:
+            self.depth = max(self.depth - 1, 0)  # already unwinding: no second exception
+            raise
+        self.leave()
+
+    @contextlib.contextmanager
+    def stopping(self) -> Iterator[None]:
+        """Final clean-up: further signals are logged and ignored, so a second Ctrl-C cannot
+        orphan vLLM or cut the final checkpoint short (kill -9 still can; saves are atomic)."""
+        self.swallow, self.depth, self.pending = True, 0, None
+        try:
+            yield
+        finally:
+            self.swallow = False
+
+
+SAFE_POINTS = SafePoints()
+
+
+def guard_optimizer_updates(optimizer: torch.optim.Optimizer,
+                            on_start: Callable[[], None] | None = None,
+                            on_done: Callable[[], None] | None = None) -> None:
+    """Make every `optimizer.step()` a critical section (no half-updated parameters);
+    `on_start()` / `on_done()` run before and after each update."""
+    def pre(*_: Any) -> None:
+        SAFE_POINTS.enter()
+        if on_start is not None:
+            on_start()
+
+    def post(*_: Any) -> None:
+        if on_done is not None:
+            on_done()
+        SAFE_POINTS.leave()
+
+    optimizer.register_step_pre_hook(pre)
+    optimizer.register_step_post_hook(post)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -37,8 +152,12 @@ def _fsync_tree(path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    """Readers see the old text or the new, never an empty or partial file."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
@@ -57,9 +176,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_weights(final: Path, model: torch.nn.Module, tokenizer: Any = None,
-                 trainer_state: dict[str, Any] | None = None) -> Path:
-    """Write model (+ tokenizer, + trainer state) to `final` atomically: build a hidden
-    sibling directory, fsync it, rename it into place. Re-saving swaps, then deletes."""
+                 trainer_state: dict[str, Any] | None = None,
+                 pending: list[list[dict[str, Any]]] | None = None) -> Path:
+    """Write model (+ tokenizer, + trainer state, + untrained batches) to `final` atomically:
+    build a hidden sibling directory, fsync it, rename it into place. Re-saving swaps, then
+    deletes; find_checkpoint recovers the old copy if a crash lands between the two renames."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
@@ -67,6 +188,8 @@ def save_weights(final: Path, model: torch.nn.Module, tokenizer: Any = None,
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if pending:
+        (tmp / PENDING_FILE).write_text(json.dumps(pending))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / STATE_FILE)
     _fsync_tree(tmp)
@@ -80,15 +203,67 @@ def save_weights(final: Path, model: torch.nn.Module, tokenizer: Any = None,
     return final
 
 
+def _complete(path: Path) -> bool:
+    return path.is_dir() and (path / STATE_FILE).is_file()
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory itself, or the newest one under a save_path."""
+    """A checkpoint directory itself, or the newest complete one under a save_path.
+
+    `latest` is trusted when it names a complete checkpoint. Otherwise (a crash between the
+    two renames of a re-save, or a `latest` edited by hand) the newest complete `step-*` is
+    used, then the previous copy a re-save set aside (`.old-step-*`); hidden `.tmp-*`
+    directories are never used: they may be half written.
+    """
     path = Path(path)
-    if (path / STATE_FILE).is_file():
+    if _complete(path):
         return path
-    if (path / "latest").is_file():
-        return path / (path / "latest").read_text().strip()
+    latest = path / "latest"
+    if latest.is_file():
+        named = path / latest.read_text().strip()
+        if _complete(named):
+            return named
+    candidates = sorted((p for p in path.glob("step-*") if _complete(p)), reverse=True)
+    candidates += sorted((p for p in path.glob(".old-step-*") if _complete(p)), reverse=True)
+    if candidates:
+        log.warning("%s: 'latest' does not name a complete checkpoint; using %s", path,
+                    candidates[0])
+        return candidates[0]
     raise FileNotFoundError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a save "
-                            "path with a 'latest' checkpoint")
+                            "path holding a complete step-* checkpoint: check --resume")
+
+
+def load_pending_batches(checkpoint: str | Path) -> list[list[dict[str, Any]]]:
+    """Batches an interrupted run took from the API but never trained (oldest first)."""
+    file = Path(checkpoint) / PENDING_FILE
+    return json.loads(file.read_text()) if file.is_file() else []
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Delete `.tmp-*` / `.old-*` directories left by a process that died mid-save.
+
+    An `.old-step-N-PID` is kept while `step-N` is missing: it is then the only copy."""
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
+        stem, _, pid = leftover.name.rpartition("-")
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if leftover.name.startswith(".old-") and not (root / stem[len(".old-"):]).exists():
+            continue
+        log.info("removing %s left by an interrupted save", leftover)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 class Checkpointer:
@@ -99,6 +274,8 @@ class Checkpointer:
         self.every = every
         self.keep = max(keep, 1)
         self.last_saved_step: int | None = None
+        if self.root.is_dir():
+            remove_stale_temporaries(self.root)
 
     def maybe_save(self, step: int, total_steps: int, **state: Any) -> Path | None:
         """`step` counts completed steps; saves on the interval and after the last step."""
@@ -109,11 +286,15 @@ class Checkpointer:
 
     def save(self, step: int, *, model: torch.nn.Module, tokenizer: Any = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-             extra: dict[str, Any] | None = None) -> Path:
+             extra: dict[str, Any] | None = None,
+             pending: list[list[dict[str, Any]]] | None = None,
+             rng: dict[str, Any] | None = None) -> Path:
+        """`pending`: batches taken from the API but not trained (written next to the state);
+        `rng`: the RNG state at the step boundary when it has moved on since."""
         state = {"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
                  "scheduler": scheduler.state_dict() if scheduler else None,
-                 "rng": rng_state(), "extra": extra or {}}
-        final = save_weights(self.root / f"step-{step:06d}", model, tokenizer, state)
+                 "rng": rng or rng_state(), "extra": extra or {}}
+        final = save_weights(self.root / f"step-{step:06d}", model, tokenizer, state, pending)
         write_text_atomic(self.root / "latest", final.name)
         self.last_saved_step = step
         self._prune()
@@ -122,6 +303,9 @@ class Checkpointer:
 
     def _prune(self) -> None:
         steps = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        latest = (self.root / "latest").read_text().strip() if (self.root / "latest").is_file() \
+            else None
+        steps = [p for p in steps if p.name != latest] + [p for p in steps if p.name == latest]
         for old in steps[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -20,7 +20,6 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .api import ApiUnavailable
 from .config import DEFAULTS, MODES, ConfigError, TrainConfig, dashed
 
 log = logging.getLogger(__name__)
@@ -127,10 +126,15 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def _operational_errors() -> tuple[type[BaseException], ...]:
+    # Imported here, not at the top: bad flags must fail in a fraction of a second, before
+    # torch is imported.
+    from .api import ApiUnavailable
     from .parity import ParityError
-    from .vllm.server import VLLMStartupError
+    from .vllm.client import VLLMError
+    from .vllm.server import VLLMGone, VLLMStartupError
+    from .weight_sync import WeightSyncError
     return (ApiUnavailable, TimeoutError, FileNotFoundError, VLLMStartupError, ParityError,
-            ConfigError)
+            ConfigError, VLLMGone, VLLMError, WeightSyncError)
 
 
 def resolve_mode(mode: str) -> Callable[[TrainConfig], Any]:
@@ -164,19 +168,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One compact line per step is the progress output; per-file bars only add noise.
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
+    # bitsandbytes warns on import (via peft) that an optional CPU 4-bit kernel is missing;
+    # nothing here uses 4-bit, so it is noise on every run.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         train = resolve_mode(config.mode)
     except ConfigError as err:
         build_parser().error(str(err))
-    # SIGTERM's default kills at once; as SystemExit it unwinds the mode's `with` blocks,
-    # which stop vLLM's process group and tell the API that training stopped.
+    # SIGINT and SIGTERM raise `Interrupted` at the next safe point (never inside an
+    # optimizer update or a batch in transit); unwinding the mode's `with` block writes the
+    # final checkpoint, stops vLLM's process group and tells the API that training stopped.
     OPERATIONAL_ERRORS = _operational_errors()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    from .checkpoint import SAFE_POINTS
     try:
-        train(config)
-    except KeyboardInterrupt:
-        log.error("interrupted: child processes were stopped")
-        return 130
+        with SAFE_POINTS.installed():
+            train(config)
+    except KeyboardInterrupt as err:  # Interrupted is one: SIGINT -> 130, SIGTERM -> 143
+        signum = getattr(err, "signum", signal.SIGINT)
+        log.error("%s", getattr(err, "summary", "") or
+                  f"interrupted by {signal.Signals(signum).name}; child processes were stopped")
+        return 128 + signum
     except OPERATIONAL_ERRORS as err:  # expected failures: one clear line, no traceback
         log.error("%s: %s", type(err).__name__, err)
         log.debug("traceback", exc_info=True)

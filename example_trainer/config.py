@@ -104,6 +104,12 @@ class TrainConfig:
     lora_sync_backend: str = opt("auto", "Process-group backend of lora_nccl's adapter "
                                  "broadcast; 'auto' is NCCL when the trainer is on CUDA, "
                                  "gloo otherwise.", ("auto", "gloo", "nccl"), "lora")
+    sync_pause: str = opt("wait", "How generation meets an adapter swap: 'wait' pauses vLLM "
+                          "(/pause?mode=wait) until running requests finish, swaps, then "
+                          "resumes, so no sequence mixes two policies; 'none' swaps between "
+                          "engine steps while requests run (PipelineRL-style; rollouts are "
+                          "tagged with the weight version they started under).",
+                          ("wait", "none"), "lora")
 
     # --- vLLM --------------------------------------------------------------------------
     vllm_url: str = opt("", "Use a vLLM server you started yourself (e.g. "
@@ -125,6 +131,9 @@ class TrainConfig:
                            "environment samples with it (in LoRA modes it is the adapter's "
                            "name).", group="vllm")
     sync_every: int = opt(1, "Steps between weight syncs to vLLM.", group="vllm")
+    sync_timeout: float = opt(120.0, "Seconds a weight-sync collective, or vLLM's /health "
+                              "while the trainer waits for data, may stall before the run "
+                              "fails with an error naming the cause.", group="vllm")
     parity_check: bool = opt(False, "After every sync, compare vLLM's log-probs of a probe "
                              "sequence with the trainer's and fail if they differ by more "
                              "than --parity-atol (the proof that the sync worked).",
@@ -190,6 +199,7 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"--{dashed(name)} must be >= 0, got "
                  f"{getattr(self, name)}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(self.sync_timeout > 0, f"--sync-timeout must be positive, got {self.sync_timeout}")
         need(":" in self.mode or self.mode in MODES,
              f"invalid --mode {self.mode!r}: choose from {', '.join(MODES)} or give "
              "'package.module:function' / 'file.py:function'")
@@ -204,7 +214,11 @@ class TrainConfig:
                         and getattr(self, f.name) != getattr(DEFAULTS, f.name)]
         need(not lora_changed or self.is_lora or ":" in self.mode,
              f"--{dashed(lora_changed[0]) if lora_changed else ''} only applies to the LoRA "
-             f"modes ({', '.join(LORA_MODES)}), not --mode {self.mode}")
+             f"modes ({', '.join(LORA_MODES)}), not --mode {self.mode}: drop it or choose a "
+             "LoRA mode")
+        need(not (self.mode == "legacy" and self.vllm_url),
+             "--mode legacy restarts vLLM itself, so it cannot use a server you started "
+             "(--vllm-url); drop --vllm-url or use lora_hotswap or lora_nccl")
         need(self.vllm_tensor_parallel_size == 1 or self.mode != "shared_vllm",
              "shared_vllm needs --vllm-tensor-parallel-size 1 (each trainer parameter aliases "
              "one vLLM tensor)")

@@ -2,8 +2,10 @@
 
 `TrainingRun` gathers the pieces a loop needs (model, optimizer, schedule, fetcher, recorder,
 checkpoints), restores them on `--resume`, and on exit tells the trajectory API that training
-finished and prints the run summary. `start_vllm` starts (or attaches to) the server a mode
-syncs to; `ParityProbe` proves after each sync that vLLM serves the trainer's weights.
+finished and prints the run summary; after an interruption or a failure it first checkpoints
+the last whole step, with any batch taken from the API but not yet trained. `start_vllm`
+starts (or attaches to) the server a mode syncs to; `ParityProbe` proves after each sync that
+vLLM serves the trainer's weights.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .api import BatchFetcher, TrajectoryClient
 from .bench import Recorder
-from .checkpoint import Checkpointer, find_checkpoint, load_trainer_state, save_weights
+from .checkpoint import (SAFE_POINTS, Checkpointer, find_checkpoint, guard_optimizer_updates,
+                         load_pending_batches, load_trainer_state, save_weights)
 from .config import TrainConfig
 from .model import load_model, resolve_device, resolve_model_path
 from .optim import build_optimizer, build_scheduler
@@ -57,11 +60,14 @@ class TrainingRun:
     children: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @classmethod
-    def setup(cls, cfg: TrainConfig) -> "TrainingRun":
-        """Everything before the loop; resumes model, optimizer, schedule, RNG and step."""
+    def setup(cls, cfg: TrainConfig, load: Callable[..., tuple[torch.nn.Module, Any]] = load_model
+              ) -> "TrainingRun":
+        """Everything before the loop; resumes model, optimizer, schedule, RNG and step.
+        `load(cfg, resume_from=...)` gives (model, tokenizer); a mode whose model is not
+        loaded from disk (shared_vllm aliases vLLM's weights) passes its own."""
         torch.manual_seed(cfg.seed)
         checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
-        model, tokenizer = load_model(cfg, resume_from=checkpoint)
+        model, tokenizer = load(cfg, resume_from=checkpoint)
         optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr,
                                     weight_decay=cfg.weight_decay)
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
@@ -77,6 +83,12 @@ class TrainingRun:
         recorder = Recorder(mode=cfg.mode, total_steps=cfg.steps, benchmark=cfg.benchmark,
                             json_path=cfg.benchmark_json, wandb_project=cfg.wandb_project,
                             wandb_group=cfg.wandb_group, config=cfg)
+        recorder.sources.append(fetcher.metrics)
+        fetcher.replay = load_pending_batches(checkpoint) if checkpoint else []
+        if cfg.vllm_url:
+            from .vllm.server import HealthWatch
+            fetcher.watchdogs.append(HealthWatch(cfg.vllm_url, timeout_s=cfg.sync_timeout))
+        fetcher.publish_weight_version(start)  # vLLM will first serve the starting weights
         return cls(cfg, model, tokenizer, optimizer, scheduler, fetcher, recorder,
                    Checkpointer(cfg.save_path, cfg.save_every, cfg.keep_checkpoints), start,
                    model_path=resolve_model_path(cfg.model))
@@ -95,7 +107,16 @@ class TrainingRun:
         model, or just the adapter for a peft model. A new directory per version, so vLLM
         never reads a half-written one."""
         path = Path(self.cfg.save_path) / f"served-step-{step:06d}"
-        return save_weights(path, self.model, None if self.cfg.is_lora else self.tokenizer)
+        path = save_weights(path, self.model, None if self.cfg.is_lora else self.tokenizer)
+        if step > self.start_step:  # a sync, not the first copy: joins the step's record
+            self._sync_bytes += directory_bytes(path)
+        return path
+
+    def _pop_sync_bytes(self) -> dict[str, float]:
+        """`sync/bytes`: what this step wrote for vLLM to read (the mode comparison's
+        bytes moved per sync, for modes that sync through disk)."""
+        nbytes, self._sync_bytes = self._sync_bytes, 0
+        return {"sync/bytes": float(nbytes)} if nbytes else {}
 
     def evaluate(self, vllm_url: str, when: str) -> float | None:
         """Held-out accuracy through vLLM with the environment's own scorer."""
@@ -119,20 +140,106 @@ class TrainingRun:
         """Start the server this run syncs to; it is stopped when the run exits, however."""
         if resolve_device(self.cfg).type == "cpu" and not torch.cuda.is_available():
             pin_trainer_cores({0})  # VLLMServer binds vLLM's worker to core 0 on CPU
+        from .vllm.server import HealthWatch
         server = start_vllm(self.cfg, model_path, **options)
         self.children.callback(server.stop)
+        self.fetcher.watchdogs.append(HealthWatch(server.url, server=server,
+                                                  timeout_s=self.cfg.sync_timeout))
         return server
+
+    def __post_init__(self) -> None:
+        # Where the final checkpoint of an interrupted run may stand: SIGINT/SIGTERM wait
+        # while an optimizer update runs, and the hooks record which step it belonged to.
+        self._updated_step = self.start_step   # last step whose optimizer update finished
+        self._in_update = False                # an update started and has not finished
+        self._resumed_pending = list(self.fetcher.replay)
+        self._sync_bytes = 0  # bytes of served weights written since the last step record
+        self.recorder.sources.append(self._pop_sync_bytes)
+
+        def started() -> None:
+            self._in_update = True
+
+        def finished() -> None:
+            self._in_update = False
+            self._updated_step = self.fetcher.in_flight_step
+
+        guard_optimizer_updates(self.optimizer, on_start=started, on_done=finished)
 
     def __enter__(self) -> "TrainingRun":
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        reason = "completed" if exc_type is None else f"failed: {exc_type.__name__}"
-        self.children.close()  # stop vLLM (by process group) before anything else
-        self.fetcher.finish(reason)
-        self.recorder.close(**self.results, rejected_groups=self.fetcher.rejected_groups)
+        if exc_type is None:
+            reason = "completed"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            reason = f"interrupted ({getattr(exc, 'name', 'SIGINT')})"
+        else:
+            reason = f"failed: {exc_type.__name__}"
+        with SAFE_POINTS.stopping():  # a second Ctrl-C must not cut the clean-up short
+            self.children.close()  # stop vLLM (by process group) before anything else
+            if exc_type is not None:
+                self._save_final(exc)
+            self.fetcher.finish(reason)
+            self.recorder.close(**self.results, rejected_groups=self.fetcher.rejected_groups)
         if exc_type is None:
             log.info("%s", self.summary())
+
+    def completed_step(self) -> int:
+        """The last step whose update has fully happened (optimizer and LR schedule).
+
+        grpo_step steps the schedule once per step, skipped updates included; if a signal
+        fell between `optimizer.step()` and `scheduler.step()`, finish the schedule here."""
+        done = self.scheduler.last_epoch if self.scheduler is not None else self.start_step
+        if self._updated_step == done + 1 and self.scheduler is not None:
+            self.scheduler.step()
+            done += 1
+        return max(done, self._updated_step)
+
+    def _save_final(self, exc: BaseException) -> Path | None:
+        """On any abnormal exit: checkpoint the last whole step, with the batches taken from
+        the API but not trained, unless that is already on disk. Sets `exc.summary` (the
+        CLI's one-line report of an interruption)."""
+        cfg = self.cfg
+        if self._in_update:
+            log.error("the optimizer update was cut short by %s, so parameters may be half "
+                      "updated: no final checkpoint; resume from the last one in %s",
+                      type(exc).__name__, cfg.save_path)
+            return None
+        done = self.completed_step()
+        pending = self.fetcher.untrained(done)
+        path: Path | None = None
+        if done == self.checkpoints.last_saved_step and not pending:
+            path = self.checkpoints.root / f"step-{done:06d}"
+            what = f"checkpoint {path} (already saved)"
+        elif done == self.start_step and pending == self._resumed_pending:
+            what = ("no new checkpoint (nothing trained since "
+                    + (f"resuming from {cfg.resume})" if cfg.resume else "the start)"))
+        else:
+            in_flight_pending = bool(pending) and pending[0] is self.fetcher.in_flight
+            rng = self.fetcher.in_flight_rng if in_flight_pending else None
+            try:
+                path = self.checkpoints.save(done, **self.state(), pending=pending or None,
+                                             rng=rng)
+            except Exception as err:  # noqa: BLE001 - report, keep the original error
+                log.error("final checkpoint at step %d failed (%s: %s); the previous ones "
+                          "in %s are intact", done, type(err).__name__, err, cfg.save_path)
+                what = "final checkpoint FAILED"
+            else:
+                what = f"saved {path}" + (f" with {len(pending)} untrained batch(es) that a "
+                                          "resume trains first" if pending else "")
+        if path is not None:
+            resume = f"resume with --resume {cfg.save_path}"
+        elif what.startswith("no new"):
+            resume = f"resume with --resume {cfg.resume}" if cfg.resume else "nothing to resume"
+        else:
+            resume = "see the log above"
+        summary = (f"stopped after step {done} of {cfg.steps}: {what}; child processes "
+                   f"stopped, API told; {resume}")
+        if isinstance(exc, KeyboardInterrupt):
+            exc.summary = f"interrupted by {getattr(exc, 'name', 'SIGINT')}, {summary}"
+        else:
+            log.info("%s", summary)
+        return path
 
     def summary(self) -> str:
         records = self.recorder.records
@@ -247,6 +354,11 @@ def vllm_lora_options(cfg: TrainConfig) -> dict[str, Any]:
     if rank is None:
         raise ValueError(f"--lora-rank {cfg.lora_rank} exceeds vLLM's largest LoRA rank 512")
     return dict(served_model_name="base", enable_lora=True, max_lora_rank=rank)
+
+
+def directory_bytes(path: Path) -> int:
+    """Total size of the files under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def remove_dir(path: Path | None) -> None:

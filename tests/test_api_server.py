@@ -284,7 +284,7 @@ def test_reset_clears_everything_and_new_register_takes_effect(url: str) -> None
 
     assert get(url, "/reset_data") == {"status": "reset"}
     assert get(url, "/status") == {"current_step": 0, "queue_size": 0,
-                                   "training_finished": False,
+                                   "training_finished": False, "weight_version": None,
                                    "max_queue_sequences": MAX_QUEUE}
     assert get(url, "/info")["batch_size"] == -1
     assert get(url, "/latest_example") == {}
@@ -442,3 +442,27 @@ def test_groups_posted_before_any_trainer_are_accepted_and_split_to_fit(url: str
     assert batch[0]["group_overrides"]["split_of"] == 6
     assert math.isclose(batch[0]["group_overrides"]["group_score_mean"], 0.5)
     assert queue_size(url) == 2
+
+
+def test_weight_version_is_published_and_rollout_staleness_measured(url: str) -> None:
+    from example_trainer.api import BatchFetcher, TrajectoryClient
+    fetcher = BatchFetcher(TrajectoryClient(url), batch_size=4, max_token_len=64,
+                           num_steps=3, pad_id=0)
+    assert get(url, "/status")["weight_version"] is None
+    fetcher.publish_weight_version(5)
+    assert get(url, "/status")["weight_version"] == 5
+    assert post_raw(url, "/weight_version", {"version": -1}).status_code == 422
+    assert post_raw(url, "/weight_version", {"version": "6"}).status_code == 422
+    assert get(url, "/status")["weight_version"] == 5
+    # Two groups sampled under versions 3 and 5 (the tag survives the queue unchanged).
+    post(url, "/scored_data_list", [make_group(0, 2) | {"weight_version": 3},
+                                    make_group(1, 2) | {"weight_version": 5}])
+    fetcher.next_batch()
+    assert fetcher.last.weight_versions == [3, 5]
+    metrics = fetcher.metrics()
+    assert metrics["data/staleness_max"] == 2.0
+    assert metrics["data/staleness_mean"] == 1.0
+    # Untagged groups (an environment that doesn't read the version): no staleness figure.
+    post(url, "/scored_data_list", [make_group(2, 2), make_group(3, 2)])
+    fetcher.next_batch()
+    assert "data/staleness_max" not in fetcher.metrics()
