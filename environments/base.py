@@ -437,6 +437,19 @@ class Environment:
         except (requests.RequestException, ValueError):
             return False
 
+    def weight_version(self) -> int | None:
+        """The weight version the trainer last published (None if it publishes none).
+
+        Read just before sampling, so a group's tag is the oldest policy that can have
+        produced it: with the trainer's `wait` sync it is exact unless a swap lands while the
+        request is queued, with `none` the rollout may continue under newer weights."""
+        try:
+            response = self.session.get(self.config.api_url.rstrip("/") + "/status", timeout=5)
+            version = response.json().get("weight_version") if response.ok else None
+        except (requests.RequestException, ValueError):
+            return None
+        return version if isinstance(version, int) else None
+
     def wait_for_room(self) -> bool:
         """Block while this env's queue in the API is full; False once training finished."""
         limit = self.config.max_queued_groups * self.config.group_size
@@ -597,9 +610,12 @@ class Environment:
             with self._lock:
                 self.stats.skipped_long += 1
             return True
+        version = self.weight_version()
         group = self.score_group(item, prompt_ids, self.sample(prompt_ids, max_tokens))
         if group is None:
             return True
+        if version is not None:
+            group["weight_version"] = version
         if not self.post_group(group):
             return not self._training_finished()
         s = self.stats

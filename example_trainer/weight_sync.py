@@ -44,6 +44,17 @@ def peft_name(name: str) -> str:
     return name.replace(".default.", ".")
 
 
+def drop_stale_prefix_cache(client: VLLMClient, *, preempt_running: bool) -> None:
+    """After an in-memory swap the cache keys (adapter id) are unchanged, so cached blocks
+    hold the old policy's KV. Blocks of running requests can't be dropped: without a pause,
+    preempt those requests (vLLM recomputes them under the new weights), or the reset
+    silently does nothing."""
+    if not client.reset_prefix_cache(reset_running_requests=preempt_running):
+        raise WeightSyncError("vLLM did not reset its prefix cache after the adapter swap "
+                              "(blocks still held by running requests); new requests could "
+                              "reuse the old adapter's KV. Use --sync-pause wait.")
+
+
 class _Call:
     """One `collective_rpc` running in a thread while this process does its collective half."""
 
@@ -93,6 +104,7 @@ class AdapterBroadcaster:
             if isinstance(v, (set, frozenset)) else str(v)))
         self.group: Any = None
         self.version = 0
+        self.broken = False  # a sync failed: the workers can't be asked to tear down
 
     def _rpc(self, method: str, **kwargs: Any) -> _Call:
         return _Call(lambda: self.client.collective_rpc(method, kwargs=kwargs,
@@ -127,15 +139,50 @@ class AdapterBroadcaster:
         call = self._rpc("receive_adapter", name=self.name, specs=self.specs,
                          peft_config=self.peft_config,
                          bucket_numels=[b.numel() for b in self.buckets])
-        for bucket in self.buckets:
-            broadcast(self.group, bucket, self.timeout_s)
-        results = call.join(self.timeout_s + 30)
+        try:
+            for bucket in self.buckets:
+                broadcast(self.group, bucket, self.timeout_s)
+        except RuntimeError as exc:  # gloo/NCCL: peer gone or timed out
+            self.broken = True
+            raise WeightSyncError(f"broadcasting the adapter to vLLM's workers failed within "
+                                  f"--sync-timeout {self.timeout_s:.0f} s: {exc}. Is vLLM "
+                                  "still running? See its log.") from exc
+        try:
+            results = call.join(self.timeout_s + 30)
+        except WeightSyncError:
+            self.broken = True
+            raise
         if len(results) != self.world_size - 1 or not all(isinstance(r, dict) for r in results):
             raise WeightSyncError(f"receive_adapter: unexpected worker answers {results!r:.500}")
         self.version += 1
         t2 = time.perf_counter()
         return {"sync/pack_s": t1 - t0, "sync/send_s": t2 - t1,
-                "sync/install_s": max(r["install_s"] for r in results)}
+                "sync/install_s": max(r["install_s"] for r in results),
+                "sync/bytes": float(self.nbytes)}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one sync broadcasts (all buckets), for the mode comparison's bytes/s."""
+        return sum(b.numel() * b.element_size() for b in self.buckets)
+
+    def time_bare_broadcast(self, rounds: int = 20,
+                            buckets: list[torch.Tensor] | None = None) -> list[float]:
+        """Seconds per bare broadcast of the adapter's buckets (or of `buckets`, e.g. one of
+        a full model's size) to the workers, no rpc and no install: the floor `sync()` is
+        compared with. One warm-up round is dropped (it includes the rpc that makes the
+        workers listen)."""
+        buckets = self.buckets if buckets is None else buckets
+        call = self._rpc("receive_bare", bucket_numels=[b.numel() for b in buckets],
+                         dtypes=[DTYPE_NAMES[b.dtype] for b in buckets],
+                         rounds=rounds + 1)
+        times = []
+        for _ in range(rounds + 1):
+            t0 = time.perf_counter()
+            for bucket in buckets:
+                broadcast(self.group, bucket, self.timeout_s)
+            times.append(time.perf_counter() - t0)
+        call.join(self.timeout_s + 30)
+        return times[1:]
 
     def close(self) -> None:
         """Coordinated tear-down: workers drop their group, then we drop ours. Best effort:
@@ -143,10 +190,11 @@ class AdapterBroadcaster:
         if self.group is None:
             return
         group, self.group = self.group, None
-        try:
-            self._rpc("destroy_weight_group").join(30)
-        except WeightSyncError as exc:
-            log.warning("weight-sync tear-down: %s", exc)
+        if not self.broken:
+            try:
+                self._rpc("destroy_weight_group").join(min(30.0, self.timeout_s))
+            except WeightSyncError as exc:
+                log.warning("weight-sync tear-down: %s", exc)
         if hasattr(group, "shutdown"):
             try:
                 group.shutdown()

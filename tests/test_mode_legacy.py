@@ -21,6 +21,9 @@ def check_report(run_dir, steps: int) -> dict:
         assert record["sync/parity_max_abs"] <= 1e-4, record
         # ... and they are new weights, not the ones served before the step.
         assert record["sync/probe_moved_max_abs"] > 1e-3, record
+        # Every group was tagged with the weight version it was sampled under (published by
+        # the trainer at each sync), never one newer than vLLM served when it was trained.
+        assert 0 <= record["data/staleness_max"] < record["step"], record
     return report
 
 

@@ -5,10 +5,17 @@ extension's memory, with no adapter directory per step."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
-from conftest import (free_port, processes_listening_on, run_trainer, start_environment,
-                      stop_process_group, tiny_trainer_args)
+from conftest import (REPO, free_port, processes_listening_on, run_trainer,
+                      start_environment, stop_process_group, tiny_trainer_args)
 from test_mode_legacy import check_report
 
 pytestmark = pytest.mark.slow
@@ -17,14 +24,15 @@ pytestmark = pytest.mark.slow
 SYNC_FIGURES = {"lora_hotswap": [], "lora_nccl": ["sync/install_s"]}
 
 
-@pytest.mark.parametrize("mode", sorted(SYNC_FIGURES))
-def test_lora_mode_serves_each_new_adapter(mode, tiny_model_dir, api_url, tmp_path):
+@pytest.mark.parametrize("mode, pause", [("lora_hotswap", "wait"), ("lora_nccl", "wait"),
+                                         ("lora_nccl", "none")])
+def test_lora_mode_serves_each_new_adapter(mode, pause, tiny_model_dir, api_url, tmp_path):
     vllm_port = free_port()
     env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
     try:
         out = run_trainer("--mode", mode,
                           *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path),
-                          "--lr", "2e-2", "--lora-rank", "8")
+                          "--lr", "2e-2", "--lora-rank", "8", "--sync-pause", pause)
         assert out.returncode == 0, out.stdout[-5000:]
         # After every swap vLLM's 'policy' adapter scores the probe as the peft model does,
         # and differently from the adapter it served before the step.
@@ -40,3 +48,49 @@ def test_lora_mode_serves_each_new_adapter(mode, tiny_model_dir, api_url, tmp_pa
     assert (final / "adapter_config.json").is_file()  # the checkpoint holds the adapter only
     assert not (final / "model.safetensors").exists()
     assert not list(tmp_path.glob("served-*"))
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_lora_nccl_fails_clearly_when_vllm_goes_away(fault, tiny_model_dir, api_url,
+                                                     tmp_path):
+    """vLLM killed (SIGKILL) or hung (SIGSTOP) mid-run: the trainer ends with one clear
+    error within --sync-timeout (plus the rpc slack), not a hang, and no process is left."""
+    vllm_port, timeout = free_port(), 15
+    env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
+    log_path = tmp_path / "trainer.log"
+    with open(log_path, "wb") as log_file:
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "example_trainer", "--mode", "lora_nccl",
+             *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path, steps=200),
+             "--sync-timeout", str(timeout)],
+            cwd=REPO, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
+    pgid = None
+    try:
+        deadline = time.monotonic() + 600
+        while "step 2/200" not in log_path.read_text():
+            assert trainer.poll() is None, log_path.read_text()[-5000:]
+            assert time.monotonic() < deadline, "trainer did not reach step 2"
+            time.sleep(0.5)
+        pgid = os.getpgid(processes_listening_on(vllm_port)[0])  # the server's own group
+        os.killpg(pgid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        faulted = time.monotonic()
+        while " ERROR example_trainer.cli" not in log_path.read_text():
+            assert time.monotonic() - faulted < timeout + 40, (
+                "no error within the sync timeout:\n" + log_path.read_text()[-5000:])
+            time.sleep(0.5)
+        returncode = trainer.wait(timeout=120)  # tear-down: vLLM's SIGTERM, SIGKILL fallback
+        text = log_path.read_text()
+        assert returncode == 1, text[-5000:]
+        # One line names the cause: vLLM exited / stopped answering / the sync failed.
+        [error] = [line for line in text.splitlines() if " ERROR example_trainer.cli" in line]
+        assert re.search(r"(VLLMGone|WeightSyncError|VLLMError): .*(exited with code|has not "
+                         r"answered|did not answer|failed|cannot reach vLLM)", error), error
+    finally:
+        if pgid is not None and fault == "hung":
+            try:
+                os.killpg(pgid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        stop_process_group(trainer)
+        stop_process_group(env)
+    assert processes_listening_on(vllm_port) == []

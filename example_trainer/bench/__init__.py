@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -66,6 +66,9 @@ class Recorder:
         self._times: dict[str, float] = {}
         self._step_start = time.perf_counter()
         self._wandb = None
+        # Callables whose metrics join every step's record (e.g. the fetcher's data wait
+        # and rollout staleness), so a mode's loop doesn't have to gather them.
+        self.sources: list[Callable[[], dict[str, float]]] = []
         if wandb_project:
             try:
                 import wandb
@@ -92,6 +95,8 @@ class Recorder:
         tokens = metrics.get("train/tokens", 0.0)
         record["tokens_per_s"] = tokens / record["train_s"] if record["train_s"] else 0.0
         record["peak_mem_gib"] = peak_memory_bytes() / 2**30
+        for source in self.sources:
+            record.update(source())
         record.update(metrics)
         record.update(extra)
         self.records.append(record)

@@ -38,6 +38,7 @@ def train(cfg: TrainConfig) -> dict:
                 with run.recorder.timer("sync"):  # --- sync: save, restart on the new copy
                     previous, served = served, run.save_served_weights(step)
                     metrics["sync/vllm_startup_s"] = vllm.restart(served)
+                    run.fetcher.publish_weight_version(step)
                     remove_dir(previous)
                 if probe:
                     metrics |= probe.check()

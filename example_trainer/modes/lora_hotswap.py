@@ -3,9 +3,12 @@
 vLLM serves the frozen base model (as 'base') and the adapter under `--served-name`
 ('policy'), which is what the environment samples with. Each sync saves the adapter to a new
 directory and re-registers the name: `POST /v1/unload_lora_adapter` then
-`POST /v1/load_lora_adapter` (a few ms). Requests that arrive in between get a 404 and the
-environment retries them. `load_inplace` is avoided on purpose: on vLLM 0.32 it sticks to the
-request and the worker re-reads the adapter from disk on every engine step (DESIGN.md §5).
+`POST /v1/load_lora_adapter` (a few ms). With `--sync-pause wait` (default) vLLM is paused
+around the swap, so no running sequence sees two adapters; a request that arrives during the
+pause was already resolved to the previous adapter and runs on it (its `weight_version` tag
+says so). With `none`, requests arriving between unload and load get a 404 and the
+environment retries them. `load_inplace` is avoided on purpose: on vLLM 0.32 it sticks to
+the request and the worker re-reads the adapter from disk on every engine step (DESIGN.md §5).
 
     python -m example_trainer --mode lora_hotswap --model DIR --lora-rank 8
 
@@ -21,6 +24,12 @@ from example_trainer.trainer import ParityProbe, TrainingRun, remove_dir, vllm_l
 from example_trainer.vllm.client import VLLMClient
 
 
+# Requests that vLLM resolved to an older version before a swap still load it from its
+# directory when they run (a removed adapter is re-read from disk; a missing directory kills
+# vLLM's engine, as measured): keep the current and the two previous directories.
+KEEP_ADAPTER_DIRS = 3
+
+
 def swap_adapter(client: VLLMClient, name: str, path, loaded: bool) -> None:
     """Point `name` at the adapter in `path` (vLLM refuses to load a name twice)."""
     if loaded:
@@ -34,8 +43,8 @@ def train(cfg: TrainConfig) -> dict:
         # --- vLLM serves the base model; the adapter is loaded from disk by name ----------
         vllm_url = cfg.vllm_url or run.start_vllm(run.model_path, **vllm_lora_options(cfg)).url
         client = VLLMClient(vllm_url)
-        adapter = run.save_served_weights(run.start_step)
-        swap_adapter(client, cfg.served_name, adapter, loaded=False)  # before any rollout
+        adapters = [run.save_served_weights(run.start_step)]  # newest last
+        swap_adapter(client, cfg.served_name, adapters[-1], loaded=False)  # before any rollout
         probe = (ParityProbe(run, client, cfg.served_name, sampled=True)
                  if cfg.parity_check else None)
 
@@ -47,13 +56,17 @@ def train(cfg: TrainConfig) -> dict:
                 metrics = grpo_step(run.model, run.optimizer, batch, cfg, run.scheduler)
             if step % cfg.sync_every == 0 or step == cfg.steps:
                 with run.recorder.timer("sync"):  # --- sync: save adapter, swap by name
-                    previous, adapter = adapter, run.save_served_weights(step)
-                    swap_adapter(client, cfg.served_name, adapter, loaded=True)
-                    remove_dir(previous)
+                    adapters.append(run.save_served_weights(step))
+                    with client.paused(cfg.sync_pause):
+                        swap_adapter(client, cfg.served_name, adapters[-1], loaded=True)
+                        run.fetcher.publish_weight_version(step)
+                    while len(adapters) > KEEP_ADAPTER_DIRS:
+                        remove_dir(adapters.pop(0))
                 if probe:
                     metrics |= probe.check()
             run.recorder.log(step, metrics)
             run.checkpoints.maybe_save(step, cfg.steps, **run.state())
         run.evaluate(vllm_url, "after")
-    remove_dir(adapter)  # the final adapter is in the last checkpoint
+    for path in adapters:  # the final adapter is in the last checkpoint
+        remove_dir(path)
     return run.results

@@ -6,8 +6,10 @@ only knows adapters registered that way). Each sync then packs the adapter into 
 broadcasts them over a process group shared with vLLM's worker (gloo on CPU, NCCL on GPU)
 and the worker extension `LoRAReceiver` rebuilds the LoRA model from the tensors and swaps
 it in under the same id; the prefix cache is reset because its keys don't change with an
-in-memory swap (DESIGN.md section 5). Measured 37-49 ms per sync on the tiny test model
-(busy 2-core CPU); DESIGN.md's prototype took ~20 ms for SmolLM2 r=8.
+in-memory swap (DESIGN.md section 5). `--sync-pause wait` (default) drains running requests
+first, so no sequence mixes two policies; `none` swaps between engine steps while requests
+run (running ones are preempted and recomputed under the new weights). Either way the new
+weight version is published to the API and environments tag their groups with it.
 
     python -m example_trainer --mode lora_nccl --model DIR --lora-rank 8
 
@@ -24,7 +26,8 @@ from example_trainer.config import TrainConfig
 from example_trainer.step import grpo_step
 from example_trainer.trainer import ParityProbe, TrainingRun, remove_dir, vllm_lora_options
 from example_trainer.vllm.client import VLLMClient
-from example_trainer.weight_sync import EXTENSION, AdapterBroadcaster
+from example_trainer.weight_sync import (EXTENSION, AdapterBroadcaster,
+                                        drop_stale_prefix_cache)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -36,7 +39,7 @@ def train(cfg: TrainConfig) -> dict:
         client = VLLMClient(vllm_url)
         workers = cfg.vllm_tensor_parallel_size if torch.cuda.is_available() else 1
         sender = AdapterBroadcaster(client, run.model, cfg.served_name, workers=workers,
-                                    backend=cfg.lora_sync_backend)
+                                    backend=cfg.lora_sync_backend, timeout_s=cfg.sync_timeout)
         sender.join()  # before registering: the worker then sees the registration
         run.children.callback(sender.close)  # LIFO: the group goes before vLLM stops
         initial = run.save_served_weights(run.start_step)  # the only write to disk
@@ -53,9 +56,10 @@ def train(cfg: TrainConfig) -> dict:
             with run.recorder.timer("train"):
                 metrics = grpo_step(run.model, run.optimizer, batch, cfg, run.scheduler)
             if step % cfg.sync_every == 0 or step == cfg.steps:
-                with run.recorder.timer("sync"):  # --- sync: broadcast, swap in memory
-                    metrics |= sender.sync()
-                    client.reset_prefix_cache()
+                with run.recorder.timer("sync"), client.paused(cfg.sync_pause):
+                    metrics |= sender.sync()  # --- sync: broadcast, swap in memory
+                    drop_stale_prefix_cache(client, preempt_running=cfg.sync_pause == "none")
+                    run.fetcher.publish_weight_version(step)
                 if probe:
                     metrics |= probe.check()
             run.recorder.log(step, metrics)

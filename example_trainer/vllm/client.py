@@ -26,10 +26,12 @@ surface here as `GenerationAborted`, which callers retry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -95,6 +97,9 @@ class VLLMClient:
                                         timeout=self.timeout if timeout is None else timeout, **kwargs)
         except requests.ConnectionError as exc:
             raise VLLMError(f"cannot reach vLLM at {self.url}: {exc}") from exc
+        except requests.Timeout as exc:
+            raise VLLMError(f"vLLM at {self.url} did not answer {method} {path} within "
+                            f"{self.timeout if timeout is None else timeout} s") from exc
         if resp.status_code in _RETRYABLE_STATUS:
             raise GenerationAborted(f"{method} {path} -> {resp.status_code} (retry later): {resp.text[:500]}",
                                     resp.status_code, resp.text)
@@ -238,6 +243,28 @@ class VLLMClient:
 
     def resume(self) -> None:
         self._request("POST", "/resume")
+
+    @contextlib.contextmanager
+    def paused(self, how: str) -> Iterator[None]:
+        """`wait`: drain running requests, hold new ones, and resume on exit even if the body
+        failed (a server left paused would hang every environment). `none`: no pause."""
+        if how == "none":
+            yield
+            return
+        if how != "wait":
+            raise ValueError(f"unknown sync pause {how!r} (expected 'wait' or 'none')")
+        try:
+            self.pause("wait", clear_cache=False)
+        except VLLMError as exc:
+            if exc.status_code != 404:
+                raise
+            raise VLLMError(f"vLLM at {self.url} has no /pause: start it with "
+                            "VLLM_SERVER_DEV_MODE=1, or sync without pausing (--sync-pause "
+                            "none)", 404) from exc
+        try:
+            yield
+        finally:
+            self.resume()
 
     def is_paused(self) -> bool:
         return bool(self._request("GET", "/is_paused", timeout=30).json()["is_paused"])

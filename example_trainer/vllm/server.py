@@ -47,6 +47,10 @@ class VLLMStartupError(RuntimeError):
         self.pgid = pgid
 
 
+class VLLMGone(RuntimeError):
+    """The vLLM server a run syncs to exited, or stopped answering, during training."""
+
+
 class PortInUseError(VLLMStartupError):
     """The requested port is taken, so nothing was started."""
 
@@ -318,6 +322,7 @@ class VLLMServer:
             pass
         log.info("stopping vLLM (pgid %d)", pgid)
         if self._signal_group(pgid, signal.SIGTERM):
+            self._signal_group(pgid, signal.SIGCONT)  # a stopped (hung) group must see it
             if not self._wait_group(proc, pgid, timeout):
                 log.warning("vLLM group %d ignored SIGTERM for %.0f s; sending SIGKILL", pgid, timeout)
                 self._signal_group(pgid, signal.SIGKILL)
@@ -381,3 +386,42 @@ class VLLMServer:
 
     def __repr__(self) -> str:
         return f"VLLMServer({self.model_path!r}, url={self.url!r}, pid={self.pid})"
+
+
+class HealthWatch:
+    """A cheap, rate-limited liveness check for loops that wait on vLLM indirectly.
+
+    While the trainer waits for data it depends on vLLM (the environment samples from it),
+    yet a dead or hung server would only surface as a batch timeout many minutes later.
+    Calling the watch from the wait loop turns that into a clear error: at once when the
+    server we started has exited (with its last log lines), or once `/health` has failed
+    for `timeout_s` in a row (a hung or unreachable server)."""
+
+    def __init__(self, url: str, *, timeout_s: float, server: VLLMServer | None = None,
+                 interval_s: float = 2.0) -> None:
+        self.url, self.server = url.rstrip("/"), server
+        self.timeout_s, self.interval_s = timeout_s, interval_s
+        self._last_check = 0.0
+        self._failing_since: float | None = None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self._last_check < self.interval_s:
+            return
+        self._last_check = now
+        server = self.server
+        if server is not None and server._proc is not None and not server.alive():
+            raise VLLMGone(server._failure_message(
+                f"vLLM exited with code {server._proc.returncode} during training"))
+        try:
+            healthy = requests.get(f"{self.url}/health", timeout=min(5.0, self.timeout_s)).ok
+        except requests.RequestException:
+            healthy = False
+        if healthy:
+            self._failing_since = None
+            return
+        self._failing_since = self._failing_since or now
+        if time.monotonic() - self._failing_since >= self.timeout_s:
+            raise VLLMGone(f"vLLM at {self.url} has not answered /health for "
+                           f"{time.monotonic() - self._failing_since:.0f} s (--sync-timeout "
+                           f"{self.timeout_s:.0f}): the server hangs or is gone; see its log")

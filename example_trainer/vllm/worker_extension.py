@@ -106,7 +106,7 @@ class LoRAReceiver:
         if getattr(manager, "_lora_sync_wrapped", False):
             return
         original = manager._load_adapter
-        manager._lora_sync_tensors = {}  # lora_int_id -> (tensors, peft config)
+        manager._lora_sync_tensors = {}  # lora_int_id -> (buckets, specs, peft config)
         manager._lora_sync_requests = {}  # lora_int_id -> the request vLLM registered
 
         def load_adapter(lora_request: Any) -> Any:
@@ -137,9 +137,8 @@ class LoRAReceiver:
         for bucket in buckets:
             broadcast(group, bucket, self._lora_sync_timeout)
         t1 = time.perf_counter()
-        # Views of the buckets, kept as received: every build clones them, because the
-        # manager's optimize() scales lora_b in place (see _lora_from_tensors).
-        tensors = unpack(buckets, specs)
+        # The buckets are kept as received: every build clones them (one copy per bucket,
+        # not per tensor), because the manager's optimize() scales lora_b in place.
         manager = self.model_runner.lora_manager
         if lora_int_id is None:
             lora_int_id = _registered_id(manager, name)
@@ -147,13 +146,24 @@ class LoRAReceiver:
         if request is None:
             raise RuntimeError(f"adapter {name!r} (id {lora_int_id}) was never loaded by this "
                                "worker: register it with /v1/load_lora_adapter first")
-        manager._lora_sync_tensors[lora_int_id] = (tensors, dict(peft_config))
+        manager._lora_sync_tensors[lora_int_id] = (buckets, specs, dict(peft_config))
         manager._adapter_manager.remove_adapter(lora_int_id)
         # vLLM's own add path (validation, LRU, slot activation) -> wrapped _load_adapter.
         # The punica mapping is re-derived when the slot layout changes, so nothing else.
         manager.add_adapter(request)
         t2 = time.perf_counter()
         return {"id": lora_int_id, "receive_s": t1 - t0, "install_s": t2 - t1}
+
+    def receive_bare(self, bucket_numels: list[int], dtypes: list[str], rounds: int) -> bool:
+        """Benchmark reference: receive `rounds` broadcasts of the adapter's buckets and
+        discard them (the floor any sync over this group can reach)."""
+        device = self.device if self._lora_sync_backend == "nccl" else torch.device("cpu")
+        buckets = [torch.empty(n, dtype=DTYPES[d], device=device)
+                   for n, d in zip(bucket_numels, dtypes)]
+        for _ in range(rounds):
+            for bucket in buckets:
+                broadcast(self._lora_sync_group, bucket, self._lora_sync_timeout)
+        return True
 
     def destroy_weight_group(self) -> bool:
         """Drop the group (the trainer does the same); adapters stay installed."""
@@ -176,8 +186,9 @@ def _registered_id(manager: Any, name: str) -> int:
     return ids[0]
 
 
-def _lora_from_tensors(manager: Any, lora_id: int, tensors: dict[str, torch.Tensor],
-                       peft_config: dict[str, Any], is_3d: bool = False) -> Any:
+def _lora_from_tensors(manager: Any, lora_id: int, buckets: list[torch.Tensor],
+                       specs: list[list[Any]], peft_config: dict[str, Any],
+                       is_3d: bool = False) -> Any:
     """Build a vLLM LoRAModel the way `_load_adapter` does, but from tensors in memory."""
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
@@ -187,9 +198,9 @@ def _lora_from_tensors(manager: Any, lora_id: int, tensors: dict[str, torch.Tens
     helper.validate_legal(manager.lora_config)
     model = manager._adapter_manager.model
     mapper = getattr(model, "hf_to_vllm_mapper", None)
-    first = next(iter(tensors.values()))
+    tensors = unpack([bucket.clone() for bucket in buckets], specs)
     lora = LoRAModel.from_lora_tensors(
-        lora_id, {k: v.clone() for k, v in tensors.items()}, helper, device=str(first.device),
+        lora_id, tensors, helper, device=str(buckets[0].device),
         dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
         weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
         skip_prefixes=getattr(model, "lora_skip_prefixes", None))
