@@ -158,6 +158,9 @@ class AdapterBroadcaster:
         t2 = time.perf_counter()
         return {"sync/pack_s": t1 - t0, "sync/send_s": t2 - t1,
                 "sync/install_s": max(r["install_s"] for r in results),
+                # 1 when every worker copied into its active slot (the fast path), 0 when
+                # vLLM rebuilt the adapter (first syncs, after an eviction)
+                "sync/slot_copy": float(all(r.get("path") == "slot copy" for r in results)),
                 "sync/bytes": float(self.nbytes)}
 
     @property
