@@ -6,6 +6,8 @@
 #                              vLLM), print progress and a final summary
 #   ./run.sh test [pytest args] run the whole test suite (what CI runs)
 #   ./run.sh setup              only create/refresh the virtual environment
+#   ./run.sh bench [flags]      compare every mode on the same work: one table, JSON and PNG
+#                              (python -m example_trainer.bench; --help lists the flags)
 #
 # Environment: VENV (default .venv), API_PORT (8000), VLLM_PORT (9001), RUN_DIR (runs/<time>).
 set -euo pipefail
@@ -127,5 +129,6 @@ run_system() {
 case "${1:-}" in
   test) shift; run_tests "$@" ;;
   setup) setup; log "environment ready: $VIRTUAL_ENV" ;;
+  bench) shift; setup; exec python -m example_trainer.bench "$@" ;;
   *) run_system "$@" ;;
 esac
