@@ -292,6 +292,9 @@ class TrajectoryState:
         self.reset()
 
     def reset(self) -> None:
+        # New per start and per reset: a trainer that sees it change knows its registration
+        # was forgotten and registers again (example_trainer.api.BatchFetcher).
+        self.instance_id = uuid.uuid4().hex
         self.trainer: TrainerRegistration | None = None
         self.trainer_uuid: str | None = None
         self.started = False
@@ -451,7 +454,8 @@ class TrajectoryState:
     def status(self) -> dict[str, Any]:
         return {"current_step": self.current_step, "queue_size": self.queued_sequences,
                 "training_finished": self.finished, "weight_version": self.weight_version,
-                "max_queue_sequences": self.max_queue_sequences}
+                "max_queue_sequences": self.max_queue_sequences,
+                "instance_id": self.instance_id}
 
     def env_status(self, env_id: int) -> dict[str, Any]:
         reg = self.env(env_id)

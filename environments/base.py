@@ -496,6 +496,18 @@ class Environment:
                 with self._lock:
                     self.stats.posted += 1
                 return True
+            stale = group.get("env_id")
+            if (response.status_code == 422 and stale is not None
+                    and "not a registered environment" in response.text):
+                # The API restarted after this group was sampled and forgot us: register
+                # again (unless another worker thread already did) and re-post, not drop it.
+                if self.env_id == stale:
+                    log.warning("API does not know env %s any more; registering again", stale)
+                    self.env_id = None
+                    if not self.register():
+                        return False
+                group = {**group, "env_id": self.env_id}
+                continue
             if response.status_code == 409:  # training finished: data has nowhere to go
                 log.info("API no longer accepts data: %s", response.text[:200])
                 self._stop.set()

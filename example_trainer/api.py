@@ -7,6 +7,11 @@ groups into tensors. Malformed groups are counted in `rejected_groups`, never si
 The /batch server pops what it serves, so the fetcher remembers the raw groups of the batch
 it handed out last (`in_flight`) until that step is trained: an interruption in between saves
 them with the final checkpoint, and a resumed run trains them first (`replay`).
+
+An API server that restarts forgets the trainer (its /batch then answers null for ever). The
+fetcher notices a new `instance_id` in /status while it waits and registers again at the
+step after the last batch it handed out; what it consumed is gone from the new server, so
+nothing is trained twice.
 """
 
 from __future__ import annotations
@@ -131,7 +136,45 @@ class BatchFetcher:
                                   checkpoint_dir=checkpoint_dir, wandb_project=wandb_project,
                                   wandb_group=wandb_group)
         self.uuid = client.register(**self._registration)
+        self.instance = self._server_instance()
+        self.reregistrations = 0  # after API restarts
+        self._instance_checked = time.monotonic()
         log.info("registered with trajectory API %s (batch_size=%d)", client.url, batch_size)
+
+    def _server_instance(self) -> str | None:
+        """The API's instance id (None: unreachable, or a server that has none)."""
+        try:
+            instance = self.client.status().get("instance_id")
+        except (requests.RequestException, ValueError, AttributeError):
+            return None
+        return instance if isinstance(instance, str) else None
+
+    def reregister_if_restarted(self, *, force: bool = False, every_s: float = 2.0) -> bool:
+        """Register again if the API restarted (or was reset) since we registered.
+
+        It restarts at the last step handed out, so its step count continues and the
+        environments see a trainer again; rate-limited, as it runs while polling."""
+        now = time.monotonic()
+        if not force and now - self._instance_checked < every_s:
+            return False
+        self._instance_checked = now
+        instance = self._server_instance()
+        if instance is None or instance == self.instance:
+            return False
+        step = self.in_flight_step
+        try:
+            self.uuid = self.client.register(**{**self._registration, "starting_step": step})
+        except requests.RequestException as err:
+            log.warning("trajectory API restarted, registering again failed (%s); retrying",
+                        type(err).__name__)
+            return False
+        log.warning("trajectory API %s restarted (instance %s -> %s): registered again at "
+                    "step %d", self.client.url, self.instance, instance, step)
+        self.instance = instance
+        self.reregistrations += 1
+        if self.weight_version is not None:  # the new server knows no version either
+            self.publish_weight_version(self.weight_version)
+        return True
 
     @property
     def rejected_groups(self) -> int:
@@ -160,8 +203,10 @@ class BatchFetcher:
         """Poll /batch with backoff until a usable batch arrives or batch_timeout passes."""
         start = time.monotonic()
         delay, polls, rejected_before = 0.05, 0, self.rejected_groups
+        api_failed = False
         while True:
             polls += 1
+            recovered, api_failed = api_failed, False  # the API answered after failing
             for check in self.watchdogs:
                 check()
             # From the API popping a batch until the fetcher has recorded it, SIGINT/SIGTERM
@@ -172,7 +217,7 @@ class BatchFetcher:
                 except requests.RequestException as err:
                     log.warning("trajectory API unreachable (%s); retrying",
                                 type(err).__name__)
-                    groups = None
+                    groups, api_failed = None, True
                 batch = None
                 if groups:
                     batch = collate_groups(groups, pad_id=self.pad_id, std_norm=self.std_norm,
@@ -187,6 +232,9 @@ class BatchFetcher:
                                            weight_versions(groups), self.weight_version)
             if batch is not None:
                 return batch
+            if not api_failed and self.reregister_if_restarted(force=recovered):
+                delay = 0.05  # poll the new server at once
+                continue
             waited = time.monotonic() - start
             if waited > self.batch_timeout:
                 raise TimeoutError(
@@ -211,6 +259,8 @@ class BatchFetcher:
         sampled under, in steps; 0 = on-policy)."""
         last = self.last
         out = {"data/wait_s": last.wait_s, "data/rejected_groups": float(last.rejected_groups)}
+        if self.reregistrations:
+            out["data/api_reregistrations"] = float(self.reregistrations)
         if last.weight_versions and last.served_version is not None:
             out["data/staleness_max"] = float(last.served_version - min(last.weight_versions))
             out["data/staleness_mean"] = float(last.served_version - sum(

@@ -134,6 +134,12 @@ class TrainConfig:
     sync_timeout: float = opt(120.0, "Seconds a weight-sync collective, or vLLM's /health "
                               "while the trainer waits for data, may stall before the run "
                               "fails with an error naming the cause.", group="vllm")
+    restart_vllm_on_failure: bool = opt(False, "If the vLLM server the trainer started exits "
+                                        "(or stops answering /health for --sync-timeout) "
+                                        "during training, restart it and sync the current "
+                                        "weights again instead of failing; gives up after 3 "
+                                        "restarts. Not with --vllm-url or shared_vllm.",
+                                        group="vllm")
     parity_check: bool = opt(False, "After every sync, compare vLLM's log-probs of a probe "
                              "sequence with the trainer's and fail if they differ by more "
                              "than --parity-atol (the proof that the sync worked).",
@@ -219,6 +225,15 @@ class TrainConfig:
         need(not (self.mode == "legacy" and self.vllm_url),
              "--mode legacy restarts vLLM itself, so it cannot use a server you started "
              "(--vllm-url); drop --vllm-url or use lora_hotswap or lora_nccl")
+        need(not (self.restart_vllm_on_failure and self.vllm_url),
+             "--restart-vllm-on-failure restarts the vLLM server the trainer started, but "
+             "--vllm-url names a server you started, which the trainer cannot restart: drop "
+             "one of the two (or restart your server yourself)")
+        need(not (self.restart_vllm_on_failure and self.mode == "shared_vllm"),
+             "--restart-vllm-on-failure does not work with shared_vllm: the trainer's "
+             "parameters are views of the dead server's memory, so a new server would need "
+             "them re-attached mid-run; drop the flag (a failure then checkpoints, and "
+             "--resume continues) or use another mode")
         need(self.vllm_tensor_parallel_size == 1 or self.mode != "shared_vllm",
              "shared_vllm needs --vllm-tensor-parallel-size 1 (each trainer parameter aliases "
              "one vLLM tensor)")

@@ -5,7 +5,9 @@ checkpoints), restores them on `--resume`, and on exit tells the trajectory API 
 finished and prints the run summary; after an interruption or a failure it first checkpoints
 the last whole step, with any batch taken from the API but not yet trained. `start_vllm`
 starts (or attaches to) the server a mode syncs to; `ParityProbe` proves after each sync that
-vLLM serves the trainer's weights.
+vLLM serves the trainer's weights. With --restart-vllm-on-failure a server that exits is
+started again and the mode's resync hook (`on_vllm_restart`) makes it serve the current
+weights; the environment retries the rollouts the dead server aborted.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import importlib
 import logging
 import os
 import shutil
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -30,6 +34,10 @@ from .model import load_model, resolve_device, resolve_model_path
 from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+
+# --restart-vllm-on-failure gives up after this many restarts in one run: a server that keeps
+# dying has a cause a restart will not fix.
+MAX_VLLM_RESTARTS = 3
 
 
 def pin_trainer_cores(reserved_for_vllm: set[int]) -> None:
@@ -143,9 +151,66 @@ class TrainingRun:
         from .vllm.server import HealthWatch
         server = start_vllm(self.cfg, model_path, **options)
         self.children.callback(server.stop)
+        self.vllm = server
+        restart = self.restart_vllm if self.cfg.restart_vllm_on_failure else None
         self.fetcher.watchdogs.append(HealthWatch(server.url, server=server,
-                                                  timeout_s=self.cfg.sync_timeout))
+                                                  timeout_s=self.cfg.sync_timeout,
+                                                  on_failure=restart))
         return server
+
+    def on_vllm_restart(self, resync: Callable[[], None]) -> None:
+        """Register what makes a restarted vLLM serve the current policy again (a fresh
+        server knows only the model it started on: no adapter, no weight-sync group)."""
+        self._resyncs.append(resync)
+
+    def restart_vllm(self, reason: str) -> None:
+        """--restart-vllm-on-failure: restart the server this run started (on its current
+        model_path) and run the resync hooks; VLLMGone once MAX_VLLM_RESTARTS are used up."""
+        from .vllm.server import VLLMGone
+        server = self.vllm
+        if server is None or not self.cfg.restart_vllm_on_failure:
+            raise VLLMGone(reason)
+        if self.vllm_restarts >= MAX_VLLM_RESTARTS:
+            raise VLLMGone(f"{reason}\n(gave up: vLLM was already restarted "
+                           f"{self.vllm_restarts} times in this run)")
+        self.vllm_restarts += 1
+        self.results["vllm_restarts"] = self.vllm_restarts
+        log.warning("%s\nrestarting vLLM (%d of at most %d, --restart-vllm-on-failure)",
+                    reason, self.vllm_restarts, MAX_VLLM_RESTARTS)
+        t0 = time.monotonic()
+        server.restart()
+        for resync in self._resyncs:
+            resync()
+        self._restart_s += time.monotonic() - t0
+        log.warning("vLLM restarted and serves the current weights again (%.1f s)",
+                    time.monotonic() - t0)
+
+    @contextlib.contextmanager
+    def vllm_guard(self) -> Iterator[None]:
+        """Around the loop's calls to vLLM (sync, parity probe). With
+        --restart-vllm-on-failure, an error because the server we started has exited is
+        answered by a restart and a resync, which sends the current weights and so completes
+        the interrupted sync; any other error propagates unchanged."""
+        try:
+            yield
+        except Exception as exc:
+            server = self.vllm
+            if not self.cfg.restart_vllm_on_failure or server is None or server._proc is None:
+                raise
+            try:  # a killed server's socket closes as it dies: give the exit a moment
+                code = server._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                raise exc from None  # vLLM runs: a real error, not a dead server
+            self.restart_vllm(server._failure_message(
+                f"vLLM exited with code {code} during training ({type(exc).__name__} "
+                f"while talking to it)"))
+
+    def _pop_restart_metrics(self) -> dict[str, float]:
+        """`vllm/restarts` (so far in this run) and this step's `vllm/restart_s`."""
+        if not self.vllm_restarts:
+            return {}
+        seconds, self._restart_s = self._restart_s, 0.0
+        return {"vllm/restarts": float(self.vllm_restarts), "vllm/restart_s": seconds}
 
     def __post_init__(self) -> None:
         # Where the final checkpoint of an interrupted run may stand: SIGINT/SIGTERM wait
@@ -155,6 +220,10 @@ class TrainingRun:
         self._resumed_pending = list(self.fetcher.replay)
         self._sync_bytes = 0  # bytes of served weights written since the last step record
         self.recorder.sources.append(self._pop_sync_bytes)
+        self.vllm: Any = None  # the VLLMServer this run started (start_vllm)
+        self.vllm_restarts, self._restart_s = 0, 0.0
+        self._resyncs: list[Callable[[], None]] = []
+        self.recorder.sources.append(self._pop_restart_metrics)
 
         def started() -> None:
             self._in_update = True
@@ -278,6 +347,7 @@ class ParityProbe:
     def __init__(self, run: TrainingRun, client: Any, served_model: str, *,
                  sampled: bool = False, seed: int = 1234, max_tokens: int = 16) -> None:
         from .parity import PROBE_MESSAGES, default_probe_tokens
+        self.run = run
         self.model, self.client, self.served_model = run.model, client, served_model
         self.atol, self.sampled = run.cfg.parity_atol, sampled
         self.seed, self.max_tokens = seed, max_tokens
@@ -305,6 +375,14 @@ class ParityProbe:
         return trainer_probe_logprobs(self.model, tokens)[-n:]
 
     def check(self) -> dict[str, float]:
+        """Parity metrics; empty when vLLM died during the probe and was restarted (the
+        next sync's probe then proves the resync)."""
+        metrics: dict[str, float] = {}
+        with self.run.vllm_guard():
+            metrics = self._check()
+        return metrics
+
+    def _check(self) -> dict[str, float]:
         from .parity import ParityError
         tokens, served = self._served()
         gap = float((self._trainer(tokens, len(served)) - served).abs().max())

@@ -193,6 +193,10 @@ class AdapterBroadcaster:
         if self.group is None:
             return
         group, self.group = self.group, None
+        if not self.broken and not self.client.health():  # dead or hung: nobody to tell
+            log.warning("weight-sync tear-down: vLLM does not answer /health; dropping the "
+                        "group without telling its workers")
+            self.broken = True
         if not self.broken:
             try:
                 self._rpc("destroy_weight_group").join(min(30.0, self.timeout_s))

@@ -281,9 +281,12 @@ def test_reset_clears_everything_and_new_register_takes_effect(url: str) -> None
                                     make_group(2, 2)])
     get(url, "/batch")
     post(url, "/training_finished", {"reason": "test"})
+    instance = get(url, "/status")["instance_id"]
 
     assert get(url, "/reset_data") == {"status": "reset"}
-    assert get(url, "/status") == {"current_step": 0, "queue_size": 0,
+    status = get(url, "/status")
+    assert status.pop("instance_id") != instance  # a registered trainer sees it, registers again
+    assert status == {"current_step": 0, "queue_size": 0,
                                    "training_finished": False, "weight_version": None,
                                    "max_queue_sequences": MAX_QUEUE}
     assert get(url, "/info")["batch_size"] == -1

@@ -45,6 +45,8 @@ def train(cfg: TrainConfig) -> dict:
         client = VLLMClient(vllm_url)
         adapters = [run.save_served_weights(run.start_step)]  # newest last
         swap_adapter(client, cfg.served_name, adapters[-1], loaded=False)  # before any rollout
+        run.on_vllm_restart(  # --restart-vllm-on-failure: a new server knows no adapter
+            lambda: swap_adapter(client, cfg.served_name, adapters[-1], loaded=False))
         probe = (ParityProbe(run, client, cfg.served_name, sampled=True)
                  if cfg.parity_check else None)
 
@@ -55,7 +57,7 @@ def train(cfg: TrainConfig) -> dict:
             with run.recorder.timer("train"):
                 metrics = grpo_step(run.model, run.optimizer, batch, cfg, run.scheduler)
             if step % cfg.sync_every == 0 or step == cfg.steps:
-                with run.recorder.timer("sync"):  # --- sync: save adapter, swap by name
+                with run.recorder.timer("sync"), run.vllm_guard():  # --- sync: save, swap
                     adapters.append(run.save_served_weights(step))
                     with client.paused(cfg.sync_pause):
                         swap_adapter(client, cfg.served_name, adapters[-1], loaded=True)

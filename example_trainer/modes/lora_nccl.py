@@ -30,6 +30,22 @@ from example_trainer.weight_sync import (EXTENSION, AdapterBroadcaster,
                                         drop_stale_prefix_cache)
 
 
+def connect_adapter_sender(run: TrainingRun, client: VLLMClient) -> AdapterBroadcaster:
+    """Join a weight-sync group with vLLM's worker, register the adapter's name from disk
+    once and send the current adapter: at start, and again after a vLLM restart."""
+    cfg = run.cfg
+    workers = cfg.vllm_tensor_parallel_size if torch.cuda.is_available() else 1
+    sender = AdapterBroadcaster(client, run.model, cfg.served_name, workers=workers,
+                                backend=cfg.lora_sync_backend, timeout_s=cfg.sync_timeout)
+    sender.join()  # before registering: the worker then sees the registration
+    run.children.callback(sender.close)  # LIFO: the group goes before vLLM stops
+    initial = run.save_served_weights(run.start_step)  # the only write to disk
+    client.load_lora_adapter(cfg.served_name, str(initial))
+    sender.sync()  # from now on an LRU reload gets the in-memory copy, not the dir
+    remove_dir(initial)
+    return sender
+
+
 def train(cfg: TrainConfig) -> dict:
     run = TrainingRun.setup(cfg)
     with run:  # on exit, however it happens: stop vLLM, tell the API, write the summary
@@ -37,15 +53,15 @@ def train(cfg: TrainConfig) -> dict:
         vllm_url = cfg.vllm_url or run.start_vllm(
             run.model_path, **vllm_lora_options(cfg), worker_extension_cls=EXTENSION).url
         client = VLLMClient(vllm_url)
-        workers = cfg.vllm_tensor_parallel_size if torch.cuda.is_available() else 1
-        sender = AdapterBroadcaster(client, run.model, cfg.served_name, workers=workers,
-                                    backend=cfg.lora_sync_backend, timeout_s=cfg.sync_timeout)
-        sender.join()  # before registering: the worker then sees the registration
-        run.children.callback(sender.close)  # LIFO: the group goes before vLLM stops
-        initial = run.save_served_weights(run.start_step)  # the only write to disk
-        client.load_lora_adapter(cfg.served_name, str(initial))
-        sender.sync()  # from now on an LRU reload gets the in-memory copy, not the dir
-        remove_dir(initial)
+        sender = connect_adapter_sender(run, client)
+
+        def resync() -> None:  # --restart-vllm-on-failure: the old group died with vLLM
+            nonlocal sender
+            sender.broken = True  # no rpc to a dead worker
+            sender.close()
+            sender = connect_adapter_sender(run, client)
+            run.fetcher.publish_weight_version(run.completed_step())  # it sent the current
+        run.on_vllm_restart(resync)
         probe = (ParityProbe(run, client, cfg.served_name, sampled=True)
                  if cfg.parity_check else None)
 
@@ -56,7 +72,7 @@ def train(cfg: TrainConfig) -> dict:
             with run.recorder.timer("train"):
                 metrics = grpo_step(run.model, run.optimizer, batch, cfg, run.scheduler)
             if step % cfg.sync_every == 0 or step == cfg.steps:
-                with run.recorder.timer("sync"), client.paused(cfg.sync_pause):
+                with run.recorder.timer("sync"), run.vllm_guard(), client.paused(cfg.sync_pause):
                     metrics |= sender.sync()  # --- sync: broadcast, swap in memory
                     drop_stale_prefix_cache(client, preempt_running=cfg.sync_pause == "none")
                     run.fetcher.publish_weight_version(step)
