@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig(mode="lora_nccl", model=args.model, lora_rank=args.lora_rank,
                       dtype="float32",
                       save_path=str(work), vllm_port=args.port or free_port(),
-                      max_token_len=512, vllm_extra_args=["--max-loras", "2"])
+                      max_token_len=512, vllm_extra_args=["--max-loras", "3", "--max-cpu-loras", "3"])
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg)
     generator = torch.Generator().manual_seed(0)
@@ -111,9 +111,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sender.sync()
         adapter_bytes = sum(b.numel() * b.element_size() for b in sender.buckets)
 
+        slot_copies: dict[str, list[float]] = {"none": [], "wait": []}
+
         def nccl(pause: str) -> None:
             with client.paused(pause):
-                sender.sync()
+                slot_copies[pause].append(sender.sync()["sync/slot_copy"])
                 drop_stale_prefix_cache(client, preempt_running=pause == "none")
 
         def hotswap(pause: str) -> None:
@@ -165,7 +167,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"machine": machine_info(), "model": resolve_model_path(cfg.model),
             "lora_rank": args.lora_rank, "adapter_bytes": adapter_bytes,
             "backend": sender.backend, "rounds": args.rounds, "sync_s": times,
-            "generation_tokens_per_s": generation}
+            "generation_tokens_per_s": generation,
+            "lora_nccl_slot_copy_share": {k: sum(v) / len(v) for k, v in slot_copies.items()
+                                          if v}}
 
 
 def report(result: dict[str, Any]) -> str:
@@ -183,6 +187,8 @@ def report(result: dict[str, Any]) -> str:
     for pause in ("none", "wait"):
         lines.append(f"lora_hotswap / lora_nccl ({pause}): "
                      f"{med[f'lora_hotswap {pause}'] / med[f'lora_nccl {pause}']:.2f}x")
+    lines.append("lora_nccl syncs that copied straight into vLLM's LoRA slot: " + ", ".join(
+        f"{k} {v:.0%}" for k, v in result.get("lora_nccl_slot_copy_share", {}).items()))
     gen = {path: statistics.median(v) for path, v in result["generation_tokens_per_s"].items()}
     lines.append(f"generation tokens/s: lora_nccl {gen['lora_nccl']:.1f}, lora_hotswap "
                  f"{gen['lora_hotswap']:.1f} (hotswap / nccl {gen['lora_hotswap'] / gen['lora_nccl']:.2f})")
