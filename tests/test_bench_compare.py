@@ -216,7 +216,12 @@ def test_bench_runs_every_mode_and_writes_json_and_chart(tiny_model_dir, tmp_pat
                     "train_tokens_per_s", "gen_tokens_per_s", "peak_trainer_gib",
                     "peak_vllm_gib", "x_memcpy"):
             assert row[key] is not None and row[key] >= 0, (mode, key, row)
-        assert row["gen_tokens_per_s"] > 0 and row["peak_vllm_gib"] > 0.1
+        assert row["peak_vllm_gib"] > 0.1
+        if mode != "legacy":
+            # Legacy's one step generates in the few seconds before its first restart; a busy
+            # machine can answer no /metrics poll then (seen in CI), so only the modes that
+            # keep one server are held to a positive rate.
+            assert row["gen_tokens_per_s"] > 0, (mode, row)
         assert row["weight_copies"] == compare.WEIGHT_COPIES[mode]
         assert f"| {mode} | " in report["text"]
 
