@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .api import BatchFetcher, TrajectoryClient
-from .bench import Recorder
+from .recorder import Recorder
 from .checkpoint import (SAFE_POINTS, Checkpointer, find_checkpoint, guard_optimizer_updates,
                          load_pending_batches, load_trainer_state, save_weights)
 from .config import TrainConfig

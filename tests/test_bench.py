@@ -1,4 +1,5 @@
-"""Recorder: per-step records, summary statistics, JSON, and optional wandb (offline)."""
+"""example_trainer.recorder.Recorder: per-step records, summary statistics, JSON, and
+optional wandb (offline)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from example_trainer.bench import Recorder
+from example_trainer.recorder import Recorder
 
 
 def test_records_summary_and_json(tmp_path):

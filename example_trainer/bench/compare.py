@@ -39,7 +39,7 @@ import requests
 import torch
 
 from ..config import DEFAULT_MODEL, MODES
-from . import machine_info
+from ..recorder import machine_info
 
 log = logging.getLogger(__name__)
 

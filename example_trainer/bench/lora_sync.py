@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..bench import machine_info
+from ..recorder import machine_info
 from ..checkpoint import save_weights
 from ..config import DEFAULTS, TrainConfig
 from ..model import load_model, resolve_model_path
