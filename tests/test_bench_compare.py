@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import REPO, free_port, stop_process_group
 from example_trainer.bench import compare
@@ -173,7 +174,7 @@ def test_find_vllm_server_and_group_memory_on_a_real_process_group():
 
 
 def test_shared_memcpy_timing():
-    times = compare.time_shared_memcpy(1 << 20, 3, compare.torch.device("cpu"))
+    times = compare.time_shared_memcpy(1 << 20, 3, torch.device("cpu"))
     assert len(times) == 3 and all(t > 0 for t in times)
 
 
