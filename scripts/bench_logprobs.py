@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from example_trainer.loss import naive_token_logprobs, policy_loss, sampled_token_logprobs  # noqa: E402
+from example_trainer.logprobs import naive_token_logprobs, sampled_token_logprobs  # noqa: E402
+from example_trainer.loss import policy_loss  # noqa: E402
 
 VARIANTS = ("chunked", "naive")
 
