@@ -1,7 +1,7 @@
 """Procedural arithmetic with an exact verifier: the default task of this project.
 
 Problems are generated, so there is no data set to download, every answer is exact, and
-difficulty is a dial. The prompt is the one DESIGN section 6 measured on SmolLM2-135M
+difficulty is a dial. The prompt was chosen by measuring SmolLM2-135M-Instruct with it
 ("What is a+b? Answer with just the number.": greedy 90%, sampled at T=1 20% on single-digit
 sums), so a short CPU run has a gap between sampled and greedy accuracy to close.
 

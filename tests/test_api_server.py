@@ -1,4 +1,4 @@
-"""The trajectory API server (environments/api_server.py), run as a real subprocess.
+"""The trajectory API server (environments/api_server/), run as a real subprocess.
 
 Groups carry their identity in their tokens (first token = group tag, second = sequence index),
 so every test can check which sequences came back, in what order, and that none were lost.
