@@ -141,6 +141,10 @@ class BatchFetcher:
         self._instance_checked = time.monotonic()
         log.info("registered with trajectory API %s (batch_size=%d)", client.url, batch_size)
 
+    def add_watchdog(self, check: Callable[[], None]) -> None:
+        """Run `check()` on every poll while waiting for data; it raises to end the wait."""
+        self.watchdogs.append(check)
+
     def _server_instance(self) -> str | None:
         """The API's instance id (None: unreachable, or a server that has none)."""
         try:

@@ -7,6 +7,7 @@ config file can hold a whole experiment and a flag can still override one value.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import importlib
@@ -20,7 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import DEFAULTS, MODES, ConfigError, TrainConfig, dashed
+from .config import DEFAULTS, MODES, TRAINS_CHOICES, ConfigError, TrainConfig, dashed
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
+        if meta.get("internal"):
+            continue
         group = groups.setdefault(meta["group"], parser.add_argument_group(
             GROUP_TITLES.get(meta["group"], meta["group"])))
         kind, is_list = _field_kind(f)
@@ -95,7 +98,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path!r}: use a .toml, .yaml or .yml file")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of option names")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
     values = {}
     for key, value in data.items():
         name = key.replace("-", "_")
@@ -120,7 +123,10 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
             if choices[name] and value not in choices[name]:
                 raise ConfigError(f"invalid --{dashed(name)} {value!r}: choose from "
                                   f"{', '.join(choices[name])}")
-        return TrainConfig(**values).validate()
+        config = TrainConfig(**values).validate()
+        trains = declared_trains(config.mode)  # the mode file says: full model or adapter
+        config.check_trains(trains)
+        return dataclasses.replace(config, trains=trains)
     except (ConfigError, TypeError) as err:
         parser.error(str(err))
 
@@ -135,6 +141,41 @@ def _operational_errors() -> tuple[type[BaseException], ...]:
     from .weight_sync import WeightSyncError
     return (ApiUnavailable, TimeoutError, FileNotFoundError, VLLMStartupError, ParityError,
             ConfigError, VLLMGone, VLLMError, WeightSyncError)
+
+
+def _mode_source(mode: str) -> Path:
+    """The file that defines a mode, found without importing it."""
+    if mode in MODES:
+        target = f"example_trainer.modes.{mode}"
+    else:
+        target = mode.rpartition(":")[0]
+    if target.endswith(".py"):
+        if not Path(target).is_file():
+            raise ConfigError(f"--mode {mode!r}: file {target!r} not found")
+        return Path(target)
+    try:
+        spec = importlib.util.find_spec(target)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"--mode {mode!r}: cannot find module {target!r} ({err})") from err
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise ConfigError(f"--mode {mode!r}: cannot find module {target!r}")
+    return Path(spec.origin)
+
+
+def declared_trains(mode: str) -> str:
+    """The mode's `TRAINS = "full" | "lora"`, read from its source without running it, so
+    flags are checked against what the mode trains before anything heavy starts."""
+    path = _mode_source(mode)
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "TRAINS"
+                and isinstance(node.value, ast.Constant)):
+            if node.value.value not in TRAINS_CHOICES:
+                break
+            return node.value.value
+    raise ConfigError(f"--mode {mode!r}: {path} must say what it trains with a module-level "
+                      "TRAINS = 'full' or TRAINS = 'lora' (and pass TRAINS to "
+                      "TrainingRun.setup)")
 
 
 def resolve_mode(mode: str) -> Callable[[TrainConfig], Any]:

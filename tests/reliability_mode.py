@@ -21,6 +21,8 @@ from example_trainer.config import TrainConfig
 from example_trainer.step import grpo_step
 from example_trainer.trainer import TrainingRun
 
+TRAINS = "full"
+
 
 def train(cfg: TrainConfig) -> dict:
     progress = Path(os.environ["REL_PROGRESS"]) if os.environ.get("REL_PROGRESS") else None

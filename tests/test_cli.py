@@ -31,7 +31,7 @@ def test_help_lists_modes_optimizers_and_losses():
     (["--loss", "ppo"], "'grpo', 'gspo', 'gspo_token'"),
     (["--steps", "-3"], "--steps must be positive"),
     (["--model", "./missing-model-dir"], "does not exist"),
-    (["--mode", "shared_vllm", "--lora-rank", "4"], "only applies to the LoRA modes"),
+    (["--mode", "shared_vllm", "--lora-rank", "4"], "only applies to modes that train a LoRA"),
     (["--micro-batch-size", "32", "--batch-size", "8"], "exceeds --batch-size"),
 ])
 def test_bad_values_fail_with_one_line(args, expected):
@@ -67,9 +67,26 @@ def test_config_file_errors_name_the_key(tmp_path):
 
 def test_custom_mode_from_file(tmp_path):
     mode = tmp_path / "my_mode.py"
-    mode.write_text("def train(config):\n    return config.steps\n")
+    mode.write_text("TRAINS = 'full'\ndef train(config):\n    return config.steps\n")
     assert resolve_mode(f"{mode}:train")(parse_config(["--steps", "3"])) == 3
     with pytest.raises(ConfigError, match="has no function 'run'"):
         resolve_mode(f"{mode}:run")
     with pytest.raises(ConfigError, match="cannot import"):
         resolve_mode("no_such_package.mod:train")
+
+
+@pytest.mark.parametrize("source", ["TRAINS = 'lora'\n", "TRAINS = 'full'\n", ""])
+def test_a_mode_says_what_it_trains(tmp_path, source):
+    """LoRA flags are checked against the mode file's TRAINS, not the mode's name; a file
+    without TRAINS is refused in one line before anything starts."""
+    mode = tmp_path / "copied.py"
+    mode.write_text(source + "def train(config):\n    return config\n")
+    flags = ["--mode", f"{mode}:train", "--lora-rank", "16"]
+    if source == "TRAINS = 'lora'\n":
+        config = parse_config(flags)
+        assert config.is_lora and config.trains == "lora" and config.lora_rank == 16
+        return
+    out = run_cli(*flags)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    expected = "must say what it trains" if not source else "only applies to modes that train"
+    assert expected in out.stderr, out.stderr

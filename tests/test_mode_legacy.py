@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import (free_port, processes_listening_on, run_trainer, start_environment,
+from conftest import (copied_mode, free_port, processes_listening_on, run_trainer, start_environment,
                       stop_process_group, tiny_trainer_args)
 
 pytestmark = pytest.mark.slow
@@ -31,13 +31,15 @@ def test_legacy_restarts_vllm_on_new_weights(tiny_model_dir, api_url, tmp_path):
     vllm_port = free_port()
     env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
     try:
-        out = run_trainer("--mode", "legacy",
+        mode = copied_mode("legacy", tmp_path)  # the template, copied and edited
+        out = run_trainer("--mode", mode,
                           *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path))
         assert out.returncode == 0, out.stdout[-5000:]
         report = check_report(tmp_path, steps=3)
         assert all(r["sync/vllm_startup_s"] > 0 for r in report["steps"])
+        assert all(r["custom/my_metric"] == 42.0 for r in report["steps"])
         assert "eval_before" in report and "eval_after" in report
-        assert "run summary (legacy)" in out.stdout and "held-out acc." in out.stdout
+        assert f"run summary ({mode})" in out.stdout and "held-out acc." in out.stdout
         # The environment stops on the API's training-finished signal, not by a count.
         assert env.wait(timeout=120) == 0, (tmp_path / "env.log").read_text()[-3000:]
     finally:
@@ -45,29 +47,6 @@ def test_legacy_restarts_vllm_on_new_weights(tiny_model_dir, api_url, tmp_path):
     assert processes_listening_on(vllm_port) == []
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003"]
     assert not list(tmp_path.glob("served-*")) and not list(tmp_path.glob(".tmp-*"))
-
-
-def test_own_mode_from_a_copied_file(tiny_model_dir, api_url, tmp_path):
-    """README's 'Write your own mode': copy legacy.py, edit it, run it by path."""
-    import example_trainer.modes.legacy as legacy
-    mine = tmp_path / "my_mode.py"
-    source = open(legacy.__file__).read()
-    edited = source.replace("run.recorder.log(step, metrics)",
-                            "metrics['custom/my_metric'] = 42.0\n"
-                            "            run.recorder.log(step, metrics)")
-    assert edited != source
-    mine.write_text(edited)
-    vllm_port = free_port()
-    env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
-    try:
-        out = run_trainer("--mode", f"{mine}:train",
-                          *tiny_trainer_args(tiny_model_dir, api_url, vllm_port,
-                                             tmp_path / "run", steps=1), "--eval-size", "0")
-        assert out.returncode == 0, out.stdout[-5000:]
-    finally:
-        stop_process_group(env)
-    report = check_report(tmp_path / "run", steps=1)
-    assert report["steps"][0]["custom/my_metric"] == 42.0
 
 
 def wait_for_vllm(port: int, timeout: float = 300) -> None:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import (REPO, free_port, processes_listening_on, run_trainer,
+from conftest import (REPO, copied_mode, free_port, processes_listening_on, run_trainer,
                       start_environment, stop_process_group, tiny_trainer_args)
 from test_mode_legacy import check_report
 
@@ -30,13 +30,14 @@ def test_lora_mode_serves_each_new_adapter(mode, pause, tiny_model_dir, api_url,
     vllm_port = free_port()
     env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
     try:
-        out = run_trainer("--mode", mode,
+        out = run_trainer("--mode", copied_mode(mode, tmp_path),  # run as a user's copy
                           *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path),
                           "--lr", "2e-2", "--lora-rank", "8", "--sync-pause", pause)
         assert out.returncode == 0, out.stdout[-5000:]
         # After every swap vLLM's 'policy' adapter scores the probe as the peft model does,
         # and differently from the adapter it served before the step.
         report = check_report(tmp_path, steps=3)
+        assert all(r["custom/my_metric"] == 42.0 for r in report["steps"])
         for record in report["steps"]:
             assert record["sync_s"] > 0
             assert all(record[figure] > 0 for figure in SYNC_FIGURES[mode]), record

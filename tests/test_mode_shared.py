@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import (free_port, processes_listening_on, run_trainer, start_environment,
+from conftest import (copied_mode, free_port, processes_listening_on, run_trainer, start_environment,
                       stop_process_group, tiny_trainer_args)
 from test_mode_legacy import check_report
 
@@ -39,7 +39,8 @@ def test_shared_vllm_trains_vllms_own_weights(tiny_model_dir, api_url, tmp_path)
     vllm_port = free_port()
     env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
     try:
-        out = run_trainer("--mode", "shared_vllm",
+        mode = copied_mode("shared_vllm", tmp_path)  # run as a user's copy
+        out = run_trainer("--mode", mode,
                           *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path))
         assert out.returncode == 0, out.stdout[-5000:]
         # After every in-place step vLLM scores the probe as the trainer does (fp32, 1e-4),
@@ -51,7 +52,8 @@ def test_shared_vllm_trains_vllms_own_weights(tiny_model_dir, api_url, tmp_path)
             assert record["sync/pause_s"] > 0 and record["sync/resume_s"] > 0, record
             assert record["mem/trainer_rss_shmem_gib"] > 0, record  # mapped, not copied
         assert "eval_before" in report and "eval_after" in report
-        assert "run summary (shared_vllm)" in out.stdout
+        assert all(r["custom/my_metric"] == 42.0 for r in report["steps"])
+        assert f"run summary ({mode})" in out.stdout
         assert env.wait(timeout=120) == 0, (tmp_path / "env.log").read_text()[-3000:]
     finally:
         stop_process_group(env)

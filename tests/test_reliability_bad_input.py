@@ -253,8 +253,9 @@ BAD_FLAGS = [
     (["--lr", "0"], "--lr must be positive"),
     (["--model", "/nonexistent/model-dir"], "model directory '/nonexistent/model-dir' does "
      "not exist: pass --model with a directory holding config.json"),
-    (["--mode", "shared_vllm", "--lora-rank", "16"], "--lora-rank only applies to the LoRA "
-     "modes (lora_hotswap, lora_nccl), not --mode shared_vllm: drop it or choose a LoRA mode"),
+    (["--mode", "shared_vllm", "--lora-rank", "16"], "--lora-rank only applies to modes that "
+     "train a LoRA adapter (TRAINS = 'lora': lora_hotswap, lora_nccl or your own), not --mode "
+     "shared_vllm, which trains the full model: drop it or choose a LoRA mode"),
     (["--mode", "legacy", "--vllm-url", "http://127.0.0.1:9"], "drop --vllm-url or use "
      "lora_hotswap or lora_nccl"),
     (["--mode", "nosuch"], "invalid --mode 'nosuch': choose from legacy"),

