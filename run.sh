@@ -39,7 +39,7 @@ setup() {
     python -m pip install -q "torch==2.13.0"
     python -m pip install -q -e ".[cpu,model,bench,wandb,dev]"
     # PyPI's torchvision/torchaudio/torchcodec/triton are CUDA builds that break
-    # `from transformers import ...` next to CPU torch (DESIGN.md section 5).
+    # `from transformers import ...` next to CPU torch (docs/vllm-cpu.md, "Install on CPU").
     python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
   else
     python -m pip install -q -e ".[gpu,model,bench,wandb,dev]"
@@ -113,7 +113,7 @@ run_system() {
   wait_for_url "http://127.0.0.1:$api_port/status" 30
 
   # Split the cores on purpose: vLLM's worker on core 0, the trainer on the rest
-  # (unpinned they fight and a step is 10-20x slower, DESIGN.md section 5).
+  # (unpinned they fight and a step is 10-20x slower; docs/vllm-cpu.md, "Pinning cores").
   log "starting the arithmetic environment"
   start_group "$RUN_DIR/environment.log" python -m environments.arithmetic \
     --api-url "http://127.0.0.1:$api_port" --vllm-url "http://127.0.0.1:$vllm_port" \

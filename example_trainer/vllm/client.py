@@ -294,7 +294,8 @@ class VLLMClient:
 
     def load_lora_adapter(self, name: str, path: str, load_inplace: bool = False) -> str:
         """Register an adapter directory under `name`. On vLLM 0.32 `load_inplace=True`
-        re-reads the directory on every engine step (DESIGN section 5): prefer new names."""
+        re-reads the directory on every engine step (docs/vllm-cpu.md, "Runtime LoRA"):
+        prefer new names."""
         resp = self._request("POST", "/v1/load_lora_adapter",
                              json={"lora_name": name, "lora_path": str(path), "load_inplace": load_inplace})
         return resp.text

