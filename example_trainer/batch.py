@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -52,19 +52,58 @@ class Batch:
         return replace(self, **{f.name: getattr(self, f.name).to(device)
                                 for f in fields(self) if getattr(self, f.name) is not None})
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per sequence (right padding: the attention mask's row sums)."""
+        return self.attention_mask.sum(dim=1).tolist()
+
+    def rows(self, rows: slice | list[int]) -> "Batch":
+        """These sequences, trimmed to their own longest one (at least 2 tokens)."""
+        index = rows if isinstance(rows, slice) else torch.tensor(rows, dtype=torch.long)
+        length = max(int(self.attention_mask[index].sum(dim=1).max().item()), 2)
+        return replace(self, **{f.name: _trim(f.name, getattr(self, f.name), index, length)
+                                for f in fields(self)})
+
     def micro_batches(self, size: int) -> Iterator["Batch"]:
-        """Slices of `size` sequences, each trimmed to its own longest sequence."""
+        """Slices of `size` sequences in batch order, each trimmed to its longest sequence."""
         for start in range(0, self.size, size):
-            rows = slice(start, start + size)
-            length = max(int(self.attention_mask[rows].sum(dim=1).max().item()), 2)
-            yield replace(self, **{f.name: _trim(f.name, getattr(self, f.name), rows, length)
-                                   for f in fields(self)})
+            yield self.rows(slice(start, start + size))
+
+    def token_micro_batches(self, max_tokens: int) -> Iterator["Batch"]:
+        """Micro-batches of at most `max_tokens` padded tokens each (see `plan_by_tokens`)."""
+        for rows in plan_by_tokens(self.lengths, max_tokens):
+            yield self.rows(rows)
+
+
+def plan_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Row indices of micro-batches whose padded size (rows x longest row) fits `max_tokens`.
+
+    Sequences are taken longest first (ties in batch order, so the plan is deterministic):
+    neighbours then have similar lengths, which wastes less padding than batch order when
+    completion lengths vary, and the largest micro-batch comes first, so a budget that is too
+    big fails on the first micro-batch rather than mid-step. Greedy filling of the sorted
+    order gives the fewest micro-batches of any split into runs of it. A sequence longer than
+    `max_tokens` forms a micro-batch of its own. Indices inside a micro-batch are ascending.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    plan: list[list[int]] = []
+    for i in order:
+        current = plan[-1] if plan else None
+        # Sorted longest first, so a micro-batch pads to the length of its first member.
+        if current and (len(current) + 1) * lengths[current[0]] <= max_tokens:
+            current.append(i)
+        else:
+            plan.append([i])
+    return [sorted(rows) for rows in plan]
 
 
 _TOKEN_FIELDS = ("input_ids", "attention_mask")  # (B, T); other 2-D fields are (B, T-1)
 
 
-def _trim(name: str, t: torch.Tensor | None, rows: slice, length: int) -> torch.Tensor | None:
+def _trim(name: str, t: torch.Tensor | None, rows: slice | torch.Tensor,
+          length: int) -> torch.Tensor | None:
     if t is None or t.dim() == 1:
         return None if t is None else t[rows]
     return t[rows, : length if name in _TOKEN_FIELDS else length - 1]

@@ -56,6 +56,18 @@ def wrap_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
+def enable_grad_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them.
+
+    Non-reentrant checkpointing gives gradients to parameters inside a checkpointed layer
+    even when the layer's inputs do not require grad (frozen embeddings under LoRA), so
+    adapters train without an input hook (peft adds one anyway when it wraps a model that
+    has checkpointing on; harmless). Works before or after LoRA wrapping.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_model(cfg: TrainConfig, *, resume_from: str | Path | None = None
                ) -> tuple[torch.nn.Module, Any]:
     """Model on the configured device and dtype; LoRA modes get a trainable adapter.
@@ -75,6 +87,8 @@ def load_model(cfg: TrainConfig, *, resume_from: str | Path | None = None
                                 "a local directory (no model hub is reachable here?)") from err
     tokenizer = load_tokenizer(base_path)
     model.config.use_cache = False
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)
     if cfg.is_lora:
         if resume_from:
             from peft import PeftModel

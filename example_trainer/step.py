@@ -1,9 +1,23 @@
 """One GRPO/GSPO optimizer update from a Batch, shared by every mode.
 
+`grpo_step` = `accumulate_gradients` (forward/backward over micro-batches) followed by
+`apply_update` (clip, optimizer step, schedule, zero the gradients). The two halves are
+separate so a mode can act between them, e.g. pause the inference server whose weights
+`optimizer.step()` writes in place.
+
 Micro-batches are weighted so that accumulated gradients equal those of the whole batch under
-each normalisation: `policy_loss` normalises within its micro-batch, and the weight rescales
-that to the batch (sequence: share of sequences; token: share of trained tokens; constant:
-share of the batch's B*T).
+each normalisation, however the batch is split: `policy_loss` normalises within its
+micro-batch, and the weight rescales that to the batch (sequence: share of sequences; token:
+share of trained tokens; constant: share of the batch's B*T, where T is the whole batch's
+padded length, so the constant is the same for every micro-batch).
+
+Optional optimizer hooks (duck-typed, for optimizers that keep gradients or state off the
+accelerator, such as a CPU-offload AdamW):
+
+* ``optimizer.last_backward()`` returns a context manager; the last micro-batch's
+  ``backward()`` runs inside it (so the optimizer can move gradients as they are produced).
+* ``optimizer.clip_grad_norm_(max_norm)`` returns the total norm (float or tensor) and clips
+  the gradients it holds; used instead of ``torch.nn.utils.clip_grad_norm_``.
 """
 
 from __future__ import annotations
@@ -11,20 +25,75 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections import defaultdict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 
 from .batch import Batch
 from .config import TrainConfig
-from .loss import policy_loss, sampled_token_logprobs
+from .logprobs import sampled_token_logprobs
+from .loss import policy_loss
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class StepConfig:
+    """Exactly what one training step reads; built from the run's TrainConfig.
+
+    ``micro_batch_tokens`` > 0 splits each batch by a padded-token budget and ignores
+    ``micro_batch_size``; 0 splits by ``micro_batch_size`` sequences. The "auto" value of
+    the CLI (-1) must be resolved before building a StepConfig
+    (`microbatch.resolve_micro_batch_tokens`); `from_config` treats an unresolved -1 as 0.
+    """
+
+    level: str = "token"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    norm: str = "sequence"
+    kl_coef: float = 0.0
+    logprob_chunk_size: int = 1024
+    micro_batch_size: int = 4
+    micro_batch_tokens: int = 0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.micro_batch_tokens < 0:
+            raise ValueError("micro_batch_tokens must be resolved to >= 0 (0: split by "
+                             f"micro_batch_size), got {self.micro_batch_tokens}")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, micro_batch_tokens: int | None = None
+                    ) -> "StepConfig":
+        """The step's fields of `cfg`; `micro_batch_tokens` overrides the config's value
+        (pass the probed budget when the config says -1, auto)."""
+        eps_low, eps_high = cfg.clip_eps
+        tokens = cfg.micro_batch_tokens if micro_batch_tokens is None else micro_batch_tokens
+        return cls(level=cfg.level, eps_low=eps_low, eps_high=eps_high, norm=cfg.norm,
+                   kl_coef=cfg.kl_coef, logprob_chunk_size=cfg.logprob_chunk_size,
+                   micro_batch_size=cfg.micro_batch_size, micro_batch_tokens=max(tokens, 0),
+                   max_grad_norm=cfg.max_grad_norm)
+
+
+def as_step_config(cfg: StepConfig | TrainConfig) -> StepConfig:
+    """Accept a whole TrainConfig while callers move to StepConfig."""
+    return cfg if isinstance(cfg, StepConfig) else StepConfig.from_config(cfg)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def split_batch(batch: Batch, step_cfg: StepConfig) -> Iterator[Batch]:
+    """The micro-batches of one step: by token budget when set, else by sequence count."""
+    if step_cfg.micro_batch_tokens > 0:
+        return batch.token_micro_batches(step_cfg.micro_batch_tokens)
+    return batch.micro_batches(step_cfg.micro_batch_size)
 
 
 def reference_logprobs(model: torch.nn.Module, mb: Batch, chunk_size: int) -> torch.Tensor:
@@ -47,28 +116,39 @@ def _micro_weight(norm: str, mb: Batch, batch: Batch, batch_tokens: int) -> floa
     return (mb.size * mb.loss_mask.shape[1]) / (batch.size * batch.loss_mask.shape[1])
 
 
-def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
-              cfg: TrainConfig, scheduler: Any = None) -> dict[str, float]:
-    """Forward/backward over micro-batches, clip the gradient norm, step; returns metrics."""
+def accumulate_gradients(model: torch.nn.Module, batch: Batch, step_cfg: StepConfig,
+                         optimizer: Any = None) -> dict[str, float]:
+    """Forward/backward over the micro-batches, adding the whole batch's gradient to `.grad`.
+
+    `optimizer` is only consulted for its optional `last_backward()` context (module
+    docstring). Returns the policy metrics (weighted like the loss, maxima as maxima) and
+    the batch's own figures.
+    """
     model.train()
     device = model_device(model)
-    eps_low, eps_high = cfg.clip_eps
     batch_tokens = batch.num_tokens
     sums: dict[str, float] = defaultdict(float)
     maxima: dict[str, float] = {}
-    for mb in batch.micro_batches(cfg.micro_batch_size):
+    micro_batches = list(split_batch(batch, step_cfg))
+    last_backward = getattr(optimizer, "last_backward", None)
+    for index, mb in enumerate(micro_batches):
+        weight = _micro_weight(step_cfg.norm, mb, batch, batch_tokens)  # on CPU: no sync
         mb = mb.to(device)
         logprobs, entropy = sampled_token_logprobs(  # (b, t) each
             model, mb.input_ids, mb.attention_mask, mb.temperatures,
-            chunk_size=cfg.logprob_chunk_size, return_entropy=True)
+            chunk_size=step_cfg.logprob_chunk_size, return_entropy=True)
         # Environments that report no inference log-probs train on-policy (ratio 1).
         old = torch.where(torch.isnan(mb.old_logprobs), logprobs.detach(), mb.old_logprobs)
-        ref = reference_logprobs(model, mb, cfg.logprob_chunk_size) if cfg.kl_coef else None
+        ref = (reference_logprobs(model, mb, step_cfg.logprob_chunk_size)
+               if step_cfg.kl_coef else None)
         loss, metrics = policy_loss(logprobs, old, mb.advantages, mb.loss_mask,
-                                    level=cfg.level, eps_low=eps_low, eps_high=eps_high,
-                                    norm=cfg.norm, ref_logprobs=ref, kl_coef=cfg.kl_coef)
-        weight = _micro_weight(cfg.norm, mb, batch, batch_tokens)
-        (loss * weight).backward()
+                                    level=step_cfg.level, eps_low=step_cfg.eps_low,
+                                    eps_high=step_cfg.eps_high, norm=step_cfg.norm,
+                                    ref_logprobs=ref, kl_coef=step_cfg.kl_coef)
+        is_last = index == len(micro_batches) - 1
+        with (last_backward() if is_last and last_backward is not None
+              else contextlib.nullcontext()):
+            (loss * weight).backward()
         metrics["policy/entropy"] = float((entropy * mb.loss_mask).sum() /
                                           mb.loss_mask.sum().clamp(min=1))
         share = mb.size / batch.size
@@ -77,10 +157,24 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: B
                 maxima[key] = max(maxima.get(key, -math.inf), value)
             else:
                 sums[key] += value * (weight if key == "policy/loss" else share)
+    return {**sums, **maxima, "train/tokens": float(batch_tokens),
+            "train/reward_mean": float(batch.scores.mean()),
+            "train/sequences": float(batch.size),
+            "train/micro_batches": float(len(micro_batches))}
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+def apply_update(model: torch.nn.Module, optimizer: Any, step_cfg: StepConfig,
+                 scheduler: Any = None) -> dict[str, float]:
+    """Clip the accumulated gradient, step (skipped when its norm is not finite), advance the
+    schedule (skipped steps included, so the schedule follows the step count) and zero the
+    gradients."""
+    max_norm = step_cfg.max_grad_norm if step_cfg.max_grad_norm > 0 else math.inf
+    clip = getattr(optimizer, "clip_grad_norm_", None)
+    if clip is not None:
+        grad_norm = float(clip(max_norm))
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     skipped = not math.isfinite(grad_norm)
     if skipped:
         log.warning("non-finite gradient norm (%s): skipping this optimizer step", grad_norm)
@@ -88,10 +182,20 @@ def grpo_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: B
         optimizer.step()
     lr = optimizer.param_groups[0]["lr"]
     if scheduler is not None:
-        with contextlib.suppress(UserWarning):
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" on a skip
+            warnings.simplefilter("ignore", UserWarning)
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**sums, **maxima, "train/grad_norm": grad_norm, "train/lr": lr,
-            "train/skipped": float(skipped), "train/tokens": float(batch_tokens),
-            "train/reward_mean": float(batch.scores.mean()),
-            "train/sequences": float(batch.size)}
+    return {"train/grad_norm": grad_norm, "train/lr": lr, "train/skipped": float(skipped)}
+
+
+def grpo_step(model: torch.nn.Module, optimizer: Any, batch: Batch,
+              step_cfg: StepConfig | TrainConfig, scheduler: Any = None) -> dict[str, float]:
+    """One optimizer update from `batch`: `accumulate_gradients` then `apply_update`.
+
+    A TrainConfig is still accepted (converted with `StepConfig.from_config`) while callers
+    move to building one StepConfig per run.
+    """
+    step_cfg = as_step_config(step_cfg)
+    metrics = accumulate_gradients(model, batch, step_cfg, optimizer)
+    return {**metrics, **apply_update(model, optimizer, step_cfg, scheduler)}

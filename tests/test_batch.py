@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from example_trainer.batch import collate_groups, validate_group, MalformedGroup
+from example_trainer.batch import (MalformedGroup, collate_groups, plan_by_tokens,
+                                   validate_group)
 
 
 def group(**overrides):
@@ -99,3 +100,40 @@ def test_micro_batches_trim_to_their_longest_sequence():
     assert first.input_ids.shape == (2, 4) and first.loss_mask.shape == (2, 3)
     assert second.input_ids.shape == (2, 2) and second.loss_mask.shape == (2, 1)
     assert torch.isnan(second.old_logprobs).all()  # no inference log-probs given
+
+
+@pytest.mark.parametrize("lengths, budget, plan", [
+    # longest first, ties in batch order: 8(1) 8(2) | 7(4) 7(5) | 5(0) 3(3)
+    ([5, 8, 8, 3, 7, 7], 16, [[1, 2], [4, 5], [0, 3]]),
+    # 3 x 8 = 24 fits; the fourth would pad to 4 x 8 = 32; then 7, 5, 3 pad to 3 x 7 = 21
+    ([5, 8, 8, 3, 7, 7], 24, [[1, 2, 4], [0, 3, 5]]),
+    ([5, 8, 8, 3, 7, 7], 48, [[0, 1, 2, 3, 4, 5]]),
+    # a sequence over the budget trains alone; the rest still pack
+    ([9, 2, 2, 2], 4, [[0], [1, 2], [3]]),
+    ([4], 1, [[0]]),
+    ([], 8, []),
+])
+def test_token_budget_plan(lengths, budget, plan):
+    assert plan_by_tokens(lengths, budget) == plan
+
+
+def test_token_budget_must_be_positive():
+    with pytest.raises(ValueError, match="max_tokens"):
+        plan_by_tokens([3, 4], 0)
+
+
+def test_token_micro_batches_keep_rows_and_trim_to_their_longest():
+    g_long = group()  # lengths 4, 3
+    g_short = {"tokens": [[1, 2], [1, 3, 4]], "masks": [[-100, 2], [-100, 3, 4]],
+               "scores": [0.0, 1.0]}
+    batch = collate_groups([g_long, g_short], pad_id=0)  # lengths [4, 3, 2, 3]
+    assert batch.lengths == [4, 3, 2, 3]
+    parts = list(batch.token_micro_batches(6))  # [0] (4+4 > 6), [1, 3] (6), [2]
+    assert [p.input_ids.shape for p in parts] == [(1, 4), (2, 3), (1, 2)]
+    assert [p.loss_mask.shape for p in parts] == [(1, 3), (2, 2), (1, 1)]
+    assert parts[1].input_ids.tolist() == [[5, 6, 9], [1, 3, 4]]
+    assert parts[1].loss_mask.tolist() == [[0, 1], [1, 1]]  # target 6 is prompt
+    assert parts[1].scores.tolist() == [0.0, 1.0]
+    assert parts[2].input_ids.tolist() == [[1, 2]]
+    assert torch.equal(parts[0].advantages, batch.advantages[:1])
+    assert sum(p.num_tokens for p in parts) == batch.num_tokens
