@@ -18,6 +18,10 @@ values (max error 0.2 at lr 0.1 against ``foreach=False``), while the foreach pa
 Trainers whose parameters are views into memory shared with an inference server hit exactly
 that case, so anything that is not a contiguous CUDA tensor gets ``foreach=True``.
 
+Low-precision (bf16/fp16) trainable parameters get fp32 master weights by default: the
+optimizer is wrapped in :class:`MasterWeightsOptimizer` (4 B/param more), because updates
+below ~1/256 of a bf16 weight would otherwise round away. ``adamw_cpu`` has its own masters.
+
 ``build_scheduler`` gives a linear warm-up followed by a constant, linear or cosine decay.
 """
 
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 
 from .offload_adamw import CPUOffloadAdamW
+from .master_weights import MasterWeightsOptimizer, needs_master
 
 log = logging.getLogger(__name__)
 
@@ -169,20 +174,45 @@ OPTIMIZERS: dict[str, OptimizerBuilder] = {
 }
 
 
+# Optimizers that already keep fp32 masters of low-precision parameters themselves.
+OWN_MASTERS = frozenset({"adamw_cpu"})
+
+LOST_UPDATE_WARNING = (
+    "master weights are off: optimizer %r updates %s parameters directly. bf16 updates "
+    "smaller than ~1/256 of a weight round away; at lr 1e-6 most of each AdamW update is "
+    "lost (one step applied under 3%% of it). Use --master-weights auto to keep fp32 masters")
+
+
 def build_optimizer(name: str, params: ParamsT, lr: float,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
+                    weight_decay: float = 0.0, master_weights: bool | None = None
+                    ) -> torch.optim.Optimizer:
     """Build the optimizer registered as ``name`` over the trainable ``params``.
 
     One entry point so configs name an optimizer by string and every choice gets the same
-    requires-grad filtering.
+    requires-grad filtering and the same precision policy. ``master_weights``: ``None``
+    (auto) or ``True`` wraps the optimizer in :class:`MasterWeightsOptimizer` when any
+    trainable parameter is bf16/fp16, so updates below bf16 resolution are not lost;
+    ``False`` updates such parameters directly (with a warning). Optimizers in
+    ``OWN_MASTERS`` are never wrapped; fp32 parameters need no masters.
     """
     try:
         builder = OPTIMIZERS[name]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; valid names: "
                          f"{', '.join(sorted(OPTIMIZERS))}") from None
-    return builder(_trainable(params), lr, tuple(betas), eps, weight_decay)
+    params = _trainable(params)
+    betas = tuple(betas)
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in _flat(params)
+                  if needs_master(p)})
+    if not low or name in OWN_MASTERS:
+        return builder(params, lr, betas, eps, weight_decay)
+    if master_weights is False:
+        log.warning(LOST_UPDATE_WARNING, name, "/".join(low))
+        return builder(params, lr, betas, eps, weight_decay)
+    log.info("%s over fp32 master weights of the %s parameters", name, "/".join(low))
+    return MasterWeightsOptimizer(
+        params, lambda groups: builder(groups, lr, betas, eps, weight_decay))
 
 
 # --------------------------------------------------------------------------------------
@@ -205,9 +235,15 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 
     Returns ``{"cpu": n, "accelerator": m, <type>: ...}``: ``accelerator`` sums every
     non-CPU device type, which also appears under its own name (``"cuda"``). The ``step``
-    counters are left out. Works for any optimizer because it only walks ``optimizer.state``.
+    counters are left out. Works for any optimizer because it only walks ``optimizer.state``;
+    a :class:`MasterWeightsOptimizer` counts its inner optimizer's state plus its masters.
     """
-    per_type = _state_tensor_bytes(optimizer)
+    if isinstance(optimizer, MasterWeightsOptimizer):
+        per_type = _state_tensor_bytes(optimizer.inner)
+        for kind, nbytes in optimizer.master_bytes().items():
+            per_type[kind] = per_type.get(kind, 0) + nbytes
+    else:
+        per_type = _state_tensor_bytes(optimizer)
     out = {"cpu": per_type.pop("cpu", 0), "accelerator": sum(per_type.values())}
     out.update(per_type)
     return out
