@@ -1,9 +1,47 @@
-"""CPU-offload AdamW: exact ``torch.optim.AdamW`` with every state tensor in CPU memory."""
+"""CPU-offload AdamW: exact ``torch.optim.AdamW`` with every state tensor in CPU memory.
+
+The accelerator holds only weights and gradients. On CUDA one step has a floor set by the
+hardware: copy the gradients to the host, run AdamW over fp32 masters on the CPU, copy the
+new weights back. This optimizer gets close to that floor by overlapping the pieces:
+
+* **Gradient copies during backward.** Inside :meth:`CPUOffloadAdamW.last_backward` a
+  post-accumulate-grad hook copies each CUDA gradient into a pinned host slot on a side
+  stream as soon as autograd has finished it, so by the time ``backward()`` returns most of
+  the device-to-host traffic is done. Only the last micro-batch's backward is wrapped (its
+  gradients are final); the others accumulate on the device as usual.
+* **Clipping without waiting.** :meth:`CPUOffloadAdamW.clip_grad_norm_` computes the global
+  norm on the device exactly as ``torch.nn.utils.clip_grad_norm_`` does, but leaves the
+  device gradients alone: the coefficient is applied to the fp32 host copies inside
+  :meth:`step`, so copies already in flight stay valid.
+* **Chunked CPU update.** :meth:`step` walks the parameters in the order their copies were
+  issued, in chunks of ``chunk_bytes`` of fp32: widen the chunk's gradients into a scratch
+  buffer, scale them, run torch's fused CPU AdamW (``torch._fused_adamw_``, all cores) on
+  the contiguous fp32 masters, and narrow the result into the same pinned slot. The chunk
+  stays in cache between those passes, and each finished parameter's host-to-device copy is
+  issued at once, non-blocking, while the CPU moves on. The compute stream waits for the
+  uploads at the end of :meth:`step`.
+
+A caller that never enters :meth:`last_backward` still gets correct results: :meth:`step`
+copies whatever gradients it has no valid copy of, and a gradient changed in place after its
+copy (``torch.nn.utils.clip_grad_norm_``, say) is detected by its version counter and copied
+again.
+
+fp32 CPU parameters are their own master and are updated in place with the foreach ops,
+which handle strided views: trainers whose parameters are non-contiguous views into memory
+shared with an inference server need that, and fused CPU AdamW on such views was measured
+writing wrong memory (torch 2.13). Fused AdamW only ever sees the contiguous fp32 masters
+this optimizer owns.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+import os
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +50,9 @@ log = logging.getLogger(__name__)
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 MiB = 1 << 20
+# Pieces of a parameter start at multiples of this many elements (see _chunks): 256 bytes
+# of fp32, a multiple of any CPU vector width.
+_PIECE_ALIGN = 64
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -24,7 +65,6 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     return out
 
 
-
 def _adamw_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
                    exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], *,
                    step: float, lr: float, beta1: float, beta2: float, eps: float,
@@ -32,7 +72,7 @@ def _adamw_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
     """One AdamW update of fp32 CPU tensors, op for op as ``torch.optim.AdamW`` does it.
 
     The same operation order (and Python-float bias corrections) keeps results identical
-    to torch's own implementation, not just close. CPU foreach ops loop over the regular
+    to torch's foreach implementation, not just close. CPU foreach ops loop over the regular
     strided kernels, so non-contiguous views are updated where they live.
     """
     if weight_decay != 0:
@@ -53,49 +93,153 @@ def _align(n: int, to: int = 64) -> int:
     return (n + to - 1) // to * to
 
 
+@dataclass
+class _Copy:
+    """A device-to-host gradient copy in flight: valid while ``grad`` is unchanged."""
+
+    done: Any  # torch.cuda.Event recorded on the side stream after the copy
+    grad: torch.Tensor
+    version: int
+    in_backward: bool
+
+    def valid_for(self, p: torch.Tensor) -> bool:
+        return p.grad is self.grad and p.grad._version == self.version
+
+
+@dataclass
+class _Entry:
+    """One parameter's part in a master update: where its grad comes from, where it goes."""
+
+    p: torch.Tensor
+    group: dict[str, Any]
+    state: dict[str, Any]
+    grad: torch.Tensor  # flat view: the pinned slot (CUDA) or p.grad (CPU)
+    out: torch.Tensor | None  # flat view the new weights are narrowed into, if any
+    ready: Any = None  # event to wait for before reading ``grad``
+
+
+class _GradHook:
+    """Post-accumulate-grad hook; holds the optimizer weakly so dropping it frees memory."""
+
+    def __init__(self, optimizer: CPUOffloadAdamW) -> None:
+        self.ref = weakref.ref(optimizer)
+
+    def __call__(self, p: torch.Tensor) -> None:
+        opt = self.ref()
+        if opt is not None:
+            opt._on_grad(p)
+
+
 class CPUOffloadAdamW(torch.optim.Optimizer):
     """AdamW whose state lives in CPU memory, so the accelerator holds only weights and grads.
 
     Semantics are exactly ``torch.optim.AdamW`` (decoupled weight decay, bias correction,
     no amsgrad/maximize); state keys are the standard ``step``, ``exp_avg``, ``exp_avg_sq``
-    plus ``master`` (an fp32 CPU copy) for parameters that are not fp32 CPU tensors. fp32
-    CPU parameters are their own master and are updated in place, views included.
+    plus ``master`` (a contiguous fp32 CPU copy) for parameters that are not fp32 CPU
+    tensors. Parameters with a master are updated by torch's fused CPU AdamW and equal
+    ``torch.optim.AdamW(fused=True)`` run on fp32 CPU copies; fp32 CPU parameters are their
+    own master and equal ``torch.optim.AdamW(foreach=True)``. See the module docstring for
+    how a CUDA step overlaps with backward.
 
-    For CUDA parameters a step runs as a pipeline over buckets of about ``bucket_bytes``:
-    bucket i+1's grads are copied into pinned CPU memory on a side stream while bucket i is
-    updated on the CPU, and each updated bucket is copied back to the device without
-    blocking. The compute stream waits for those copies at the end of ``step``.
+    ``chunk_bytes`` is the fp32 working set of one CPU update chunk (sized to stay in cache);
+    ``cpu_threads`` the torch threads used for the CPU update of CUDA parameters (default:
+    every core this process may run on; CPU parameters use torch's current setting, since a
+    CPU trainer may be pinned to share the machine).
     """
 
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, bucket_bytes: int = 64 * MiB) -> None:
+                 weight_decay: float = 1e-2, chunk_bytes: int = 8 * MiB,
+                 cpu_threads: int | None = None) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"invalid lr={lr}, eps={eps} or weight_decay={weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"invalid betas {betas}")
-        if bucket_bytes <= 0:
-            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        # Set before the base class adds the param groups: add_param_group installs hooks.
+        self._hook_handles: list[Any] = []
+        self._hooked: set[int] = set()
+        self._armed = False
+        self._pending: dict[torch.Tensor, _Copy] = {}  # insertion order = copy order
+        self._clip_coef: torch.Tensor | None = None
+        self._staging: dict[torch.device, torch.Tensor] = {}
+        self._slots: dict[torch.Tensor, tuple[int, int]] = {}  # p -> (offset, nbytes)
+        self._side_streams: dict[torch.device, Any] = {}
+        self._scratch: torch.Tensor | None = None
+        self.chunk_elems = max(1, chunk_bytes // 4 // _PIECE_ALIGN) * _PIECE_ALIGN
+        self.cpu_threads = cpu_threads
+        #: Counters of the last step: copies issued in backward / at step time, seconds
+        #: spent waiting for copies and updating on the CPU.
+        self.stats: dict[str, float] = {}
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
-        self.bucket_bytes = bucket_bytes
-        # Two pinned staging buffers per CUDA device (double buffering); not checkpointed.
-        self._staging: dict[torch.device, list[torch.Tensor]] = {}
-        self._side_streams: dict[torch.device, Any] = {}
+
+    # -- hooks and the caller contract --------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.requires_grad and id(p) not in self._hooked:
+                self._hooked.add(id(p))
+                self._hook_handles.append(p.register_post_accumulate_grad_hook(_GradHook(self)))
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks (for callers that replace this optimizer)."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        self._hooked.clear()
+
+    @contextlib.contextmanager
+    def last_backward(self) -> Iterator[None]:
+        """Wrap the backward whose gradients are final: their host copies start at once."""
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if self._armed and p.device.type == "cuda" and p.grad is not None \
+                and not p.grad.is_sparse:
+            self._copy_grad(p, in_backward=True)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Global grad norm, computed on the device exactly as torch's ``clip_grad_norm_``.
+
+        The clip coefficient is applied by :meth:`step` to the fp32 host copies, so copies
+        already in flight need not wait; device gradients are left unscaled. Gradients of
+        fp32 CPU parameters (their own master) are scaled in place now, as torch would.
+        """
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return torch.tensor(0.0)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type)
+        coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+        own = [p.grad for p in params if not self._needs_master(p)]
+        if own:
+            torch._foreach_mul_(own, coef.to(own[0].device))
+        self._clip_coef = coef if len(own) < len(params) else None
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also forget copies and clip coefficients of a step that was skipped."""
+        self._pending.clear()
+        self._clip_coef = None
+        super().zero_grad(set_to_none=set_to_none)
 
     # -- state ------------------------------------------------------------------------
-
-    @staticmethod
-    def _pin() -> bool:
-        return torch.cuda.is_available()
 
     @staticmethod
     def _needs_master(p: torch.Tensor) -> bool:
         return not (p.device.type == "cpu" and p.dtype == torch.float32)
 
-    def _cpu_fp32(self, t: torch.Tensor, pin: bool) -> torch.Tensor:
-        """A fresh fp32 CPU tensor (pinned for device parameters) holding ``t``'s values."""
-        out = torch.empty(t.shape, dtype=torch.float32, pin_memory=pin)
+    @staticmethod
+    def _cpu_fp32(t: torch.Tensor) -> torch.Tensor:
+        """A fresh contiguous fp32 CPU tensor holding ``t``'s values."""
+        out = torch.empty(t.shape, dtype=torch.float32)
         out.copy_(t.detach())
         return out
 
@@ -103,12 +247,11 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if state:
             return state
-        pin = self._pin() and p.device.type != "cpu"
         state["step"] = torch.tensor(0.0)
         if self._needs_master(p):
-            state["master"] = self._cpu_fp32(p, pin)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
+            state["master"] = self._cpu_fp32(p)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
         else:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -121,6 +264,8 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         which would put the state on the accelerator and round fp32 masters to bf16, so
         only the step counters go through it and the rest is restored here.
         """
+        self._pending.clear()
+        self._clip_coef = None
         saved_state = state_dict["state"]
         steps_only = {k: {kk: vv for kk, vv in v.items() if kk == "step"}
                       for k, v in saved_state.items()}
@@ -133,16 +278,14 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             saved = saved_state[pid]
             state = self.state[p]
             state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).clone()
-            pin = self._pin() and p.device.type != "cpu"
             for key in ("exp_avg", "exp_avg_sq"):
                 if self._needs_master(p):
-                    state[key] = self._cpu_fp32(saved[key], pin)
+                    state[key] = self._cpu_fp32(saved[key])
                 else:
                     state[key] = torch.empty_like(p, memory_format=torch.preserve_format)
                     state[key].copy_(saved[key])
             if self._needs_master(p):
-                source = saved.get("master", p)
-                state["master"] = self._cpu_fp32(source, pin)
+                state["master"] = self._cpu_fp32(saved.get("master", p))
             elif "master" in saved:
                 # Saved from a bf16/CUDA run, resumed on fp32 CPU: the master is the truth.
                 with torch.no_grad():
@@ -151,13 +294,85 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer memory: ``{"cpu": ..., "accelerator": 0}`` by construction.
 
-        Includes the pinned staging buffers, which are CPU memory this optimizer holds.
+        Includes the pinned staging slots and the update scratch, CPU memory this optimizer
+        holds besides its state.
         """
         out = _state_bytes(self)
-        out["cpu"] += sum(b.numel() for bufs in self._staging.values() for b in bufs)
+        out["cpu"] += sum(b.numel() for b in self._staging.values())
+        if self._scratch is not None:
+            out["cpu"] += self._scratch.numel() * 4
         return out
 
+    # -- device-to-host copies ----------------------------------------------------------
+
+    def _side_stream(self, device: torch.device) -> Any:
+        side = self._side_streams.get(device)
+        if side is None:
+            side = self._side_streams[device] = torch.cuda.Stream(device)
+        return side
+
+    def _slot(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``p``'s pinned host slot as a flat ``dtype`` tensor: the grad, later the weight.
+
+        One pinned buffer per device holds a slot for every CUDA parameter of the optimizer
+        (gradients have their parameter's dtype), allocated on first use.
+        """
+        if p not in self._slots:
+            self._allocate_slots(p.device)
+        offset, _ = self._slots[p]
+        n = p.numel() * dtype.itemsize
+        return self._staging[p.device][offset:offset + n].view(dtype)
+
+    def _allocate_slots(self, device: torch.device) -> None:
+        params = [p for g in self.param_groups for p in g["params"]
+                  if p.device == device and p not in self._slots]
+        old = self._staging.get(device)
+        total = 0 if old is None else old.numel()
+        if old is not None:
+            # A group added after the first step: keep existing slots (and any copies in
+            # them), grow the buffer.
+            torch.cuda.synchronize(device)
+        layout = {}
+        for p in params:
+            nbytes = _align(p.numel() * p.element_size())
+            layout[p] = (total, nbytes)
+            total += nbytes
+        buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        if old is not None:
+            buf[:old.numel()].copy_(old)
+        self._staging[device] = buf
+        self._slots.update(layout)
+        log.debug("adamw_cpu: %.1f MiB of pinned staging on %s", total / MiB, device)
+
+    def _copy_grad(self, p: torch.Tensor, *, in_backward: bool) -> None:
+        """Start copying ``p.grad`` into its pinned slot on the side stream."""
+        grad = p.grad
+        side = self._side_stream(p.device)
+        slot = self._slot(p, grad.dtype).view(grad.shape)
+        side.wait_stream(torch.cuda.current_stream(p.device))  # the grad is final there
+        with torch.cuda.stream(side):
+            slot.copy_(grad, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        grad.record_stream(side)  # its memory may be freed before the copy has run
+        self._pending.pop(p, None)
+        self._pending[p] = _Copy(done, grad, grad._version, in_backward)
+
     # -- step -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _threads(self, use_all: bool) -> Iterator[None]:
+        before = torch.get_num_threads()
+        want = before
+        if use_all:
+            want = self.cpu_threads or max(before, len(os.sched_getaffinity(0)))
+        if want != before:
+            torch.set_num_threads(want)
+        try:
+            yield
+        finally:
+            if want != before:
+                torch.set_num_threads(before)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -166,125 +381,186 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        cpu_items: list[tuple[torch.Tensor, dict[str, Any]]] = []
-        device_items: dict[torch.device, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
+        t0 = time.perf_counter()
+        self._armed = False
+        coef = self._clip_coef
+        self._clip_coef = None
+        coef_cpu = None if coef is None else coef.detach().to("cpu", torch.float32)
+        own: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        cpu_entries: list[_Entry] = []
+        cuda_items: dict[torch.device, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("CPUOffloadAdamW does not support sparse gradients")
-                self._init_state(p)
-                if p.device.type == "cpu":
-                    cpu_items.append((p, group))
-                elif p.device.type == "cuda":
-                    device_items.setdefault(p.device, []).append((p, group))
-                else:
+                state = self._init_state(p)
+                if p.device.type == "cuda":
+                    cuda_items.setdefault(p.device, []).append((p, group))
+                elif p.device.type != "cpu":
                     raise RuntimeError(f"CPUOffloadAdamW supports CPU and CUDA parameters, "
                                        f"not {p.device.type}")
-        if cpu_items:
-            grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-                     for p, _ in cpu_items]
-            self._update(cpu_items, grads)
-            for p, _ in cpu_items:
-                if "master" in self.state[p]:
-                    p.copy_(self.state[p]["master"])
-        for device, items in device_items.items():
-            self._step_cuda(device, items)
+                elif not self._needs_master(p):
+                    own.append((p, group))
+                else:
+                    out = p.detach().view(-1) if p.is_contiguous() else None
+                    cpu_entries.append(_Entry(p, group, state, p.grad.reshape(-1), out))
+        self.stats = {"copies_in_backward": 0.0, "copies_at_step": 0.0, "wait_s": 0.0,
+                      "update_s": 0.0}
+        if own:
+            self._update_own(own)
+        if cpu_entries:
+            self._update_masters(cpu_entries, coef_cpu)
+        if cuda_items:
+            with self._threads(use_all=True):
+                for device, items in cuda_items.items():
+                    self._step_cuda(device, items, coef_cpu)
+        self._pending.clear()
+        self.stats["step_s"] = time.perf_counter() - t0
         return loss
 
-    def _update(self, items: list[tuple[torch.Tensor, dict[str, Any]]],
-                grads: list[torch.Tensor]) -> None:
-        """Advance step counters and update the CPU masters of ``items`` with fp32 ``grads``.
-
-        Tensors are batched into foreach calls per (param group, step), since the
-        hyper-parameters and bias corrections are scalars shared within such a batch.
-        """
-        batches: dict[tuple[int, float], list[int]] = {}
-        for i, (p, group) in enumerate(items):
+    def _update_own(self, items: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """Update fp32 CPU parameters in place (their own master), batched per group/step."""
+        batches: dict[tuple[int, float], list[torch.Tensor]] = {}
+        groups: dict[int, dict[str, Any]] = {}
+        for p, group in items:
             state = self.state[p]
             state["step"] += 1
-            batches.setdefault((id(group), float(state["step"])), []).append(i)
-        for (_, step), idx in batches.items():
-            group = items[idx[0]][1]
-            states = [self.state[items[i][0]] for i in idx]
-            masters = [s.get("master", items[i][0]) for s, i in zip(states, idx)]
+            batches.setdefault((id(group), float(state["step"])), []).append(p)
+            groups[id(group)] = group
+        for (gid, step), ps in batches.items():
+            group = groups[gid]
+            states = [self.state[p] for p in ps]
             beta1, beta2 = group["betas"]
-            _adamw_foreach(masters, [grads[i] for i in idx],
+            _adamw_foreach(ps, [p.grad for p in ps],
                            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                            step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                            eps=group["eps"], weight_decay=group["weight_decay"])
 
-    def _buckets(self, items: list[tuple[torch.Tensor, dict[str, Any]]]
-                 ) -> list[list[tuple[torch.Tensor, dict[str, Any]]]]:
-        buckets: list[list[tuple[torch.Tensor, dict[str, Any]]]] = [[]]
-        size = 0
-        for item in items:
-            nbytes = item[0].numel() * 4
-            if buckets[-1] and size + nbytes > self.bucket_bytes:
-                buckets.append([])
-                size = 0
-            buckets[-1].append(item)
-            size += nbytes
-        return buckets
+    def _step_cuda(self, device: torch.device, items: list[tuple[torch.Tensor, dict[str, Any]]],
+                   coef_cpu: torch.Tensor | None) -> None:
+        """Update one device's parameters from their host copies and upload the results.
 
-    @staticmethod
-    def _slot_bytes(p: torch.Tensor) -> int:
-        """Staging bytes for one parameter: it holds the grad, later the updated weight."""
-        return _align(p.numel() * max(p.element_size(), p.grad.element_size()))
-
-    def _staging_buffers(self, device: torch.device, nbytes: int) -> list[torch.Tensor]:
-        bufs = self._staging.get(device)
-        if bufs is None or bufs[0].numel() < nbytes:
-            bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            self._staging[device] = bufs
-        return bufs
-
-    def _step_cuda(self, device: torch.device,
-                   items: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-        """Pipelined offload step for the CUDA parameters on one device.
-
-        Ordering argument: all copies run on one side stream, so a buffer's upload (H2D) of
-        bucket i finishes before the download (D2H) of bucket i+2 into the same buffer; the
-        CPU touches a buffer only after waiting for that bucket's download event.
+        Ordering: every copy runs on one side stream, so an upload from a slot precedes the
+        next step's download into it; the CPU touches a slot only after its download's
+        event; the side stream waits for the compute stream before the first upload (work
+        queued there may still read the weights) and the compute stream waits for the
+        uploads at the end.
         """
-        buckets = self._buckets(items)
-        bufs = self._staging_buffers(
-            device, max(sum(self._slot_bytes(p) for p, _ in b) for b in buckets))
-        side = self._side_streams.get(device)
-        if side is None:
-            side = self._side_streams[device] = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))  # grads are ready there
+        side = self._side_stream(device)
+        compute = torch.cuda.current_stream(device)
+        side.wait_stream(compute)
+        group_of = {p: group for p, group in items}
+        ordered = [p for p, c in self._pending.items() if p in group_of and c.valid_for(p)]
+        self.stats["copies_in_backward"] += sum(self._pending[p].in_backward for p in ordered)
+        fresh = set(ordered)
+        for p, _ in items:
+            if p not in fresh:  # no copy yet, or the grad changed after it: copy now
+                self._copy_grad(p, in_backward=False)
+                ordered.append(p)
+                self.stats["copies_at_step"] += 1
+        entries = []
+        for p in ordered:
+            slot = self._slot(p, p.dtype)
+            entries.append(_Entry(p, group_of[p], self.state[p], slot, slot,
+                                  ready=self._pending[p].done))
 
-        def slots(bucket, buf: torch.Tensor, use_param_dtype: bool) -> list[torch.Tensor]:
-            views, offset = [], 0
-            for p, _ in bucket:
-                dtype = p.dtype if use_param_dtype else p.grad.dtype
-                n = p.numel() * dtype.itemsize
-                views.append(buf[offset:offset + n].view(dtype).view(p.shape))
-                offset += self._slot_bytes(p)
-            return views
-
-        def download(i: int):
-            grads = slots(buckets[i], bufs[i % 2], use_param_dtype=False)
+        def upload(e: _Entry) -> None:
             with torch.cuda.stream(side):
-                for (p, _), g in zip(buckets[i], grads):
-                    g.copy_(p.grad, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(side)
-            return grads, event
+                e.p.detach().copy_(e.out.view(e.p.shape), non_blocking=True)
 
-        pending = download(0)
-        for i, bucket in enumerate(buckets):
-            grads, event = pending
-            if i + 1 < len(buckets):
-                pending = download(i + 1)  # overlaps with the CPU update below
-            event.synchronize()
-            self._update(bucket, [g if g.dtype == torch.float32 else g.float() for g in grads])
-            uploads = slots(bucket, bufs[i % 2], use_param_dtype=True)
-            for (p, _), u in zip(bucket, uploads):
-                u.copy_(self.state[p]["master"])
-            with torch.cuda.stream(side):
-                for (p, _), u in zip(bucket, uploads):
-                    p.copy_(u, non_blocking=True)
-        torch.cuda.current_stream(device).wait_stream(side)
+        self._update_masters(entries, coef_cpu, on_done=upload)
+        compute.wait_stream(side)
+
+    def _scratch_for(self, n: int) -> torch.Tensor:
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = torch.empty(n, dtype=torch.float32)
+        return self._scratch
+
+    def _update_masters(self, entries: list[_Entry], coef_cpu: torch.Tensor | None,
+                        on_done: Callable[[_Entry], None] | None = None) -> None:
+        """Fused AdamW over the entries' fp32 masters, chunk by chunk, in entry order.
+
+        Per chunk: widen the grads into scratch (fp32 grads are used where they are), scale
+        by the clip coefficient, update, narrow the masters into ``out``. A parameter whose
+        last piece is done goes to ``on_done`` (its upload) or, without an ``out`` view, is
+        copied from its master.
+        """
+        for e in entries:
+            e.state["step"] += 1
+        widened = sum(e.p.numel() for e in entries if e.grad.dtype != torch.float32)
+        scratch = self._scratch_for(min(self.chunk_elems, widened))
+        for chunk in self._chunks(entries):
+            t_wait = time.perf_counter()
+            for e, a, _ in chunk:
+                if a == 0 and e.ready is not None:
+                    e.ready.synchronize()
+            t_update = time.perf_counter()
+            self.stats["wait_s"] = self.stats.get("wait_s", 0.0) + t_update - t_wait
+            grads, offset = [], 0
+            for e, a, b in chunk:
+                src = e.grad[a:b]
+                if src.dtype == torch.float32:
+                    grads.append(src)
+                else:
+                    g = scratch[offset:offset + b - a]
+                    g.copy_(src)
+                    grads.append(g)
+                    offset += b - a
+            if coef_cpu is not None:
+                torch._foreach_mul_(grads, coef_cpu)
+            by_group: dict[int, list[int]] = {}
+            for i, (e, _, _) in enumerate(chunk):
+                by_group.setdefault(id(e.group), []).append(i)
+            for idx in by_group.values():
+                group = chunk[idx[0]][0].group
+                beta1, beta2 = group["betas"]
+                pieces = [(chunk[i][0].state, chunk[i][1], chunk[i][2]) for i in idx]
+                torch._fused_adamw_(
+                    [s["master"].view(-1)[a:b] for s, a, b in pieces], [grads[i] for i in idx],
+                    [s["exp_avg"].view(-1)[a:b] for s, a, b in pieces],
+                    [s["exp_avg_sq"].view(-1)[a:b] for s, a, b in pieces], [],
+                    [s["step"] for s, _, _ in pieces], amsgrad=False, lr=float(group["lr"]),
+                    beta1=float(beta1), beta2=float(beta2),
+                    weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+                    maximize=False, grad_scale=None, found_inf=None)
+            for e, a, b in chunk:
+                master = e.state["master"]
+                if e.out is not None:
+                    e.out[a:b].copy_(master.view(-1)[a:b])
+                if b == e.p.numel():
+                    if on_done is not None:
+                        on_done(e)
+                    elif e.out is None:
+                        e.p.detach().copy_(master)
+            self.stats["update_s"] = self.stats.get("update_s", 0.0) + \
+                time.perf_counter() - t_update
+
+    def _chunks(self, entries: list[_Entry]) -> Iterator[list[tuple[_Entry, int, int]]]:
+        """Split the entries' elements into runs of at most ``chunk_elems`` elements.
+
+        A piece of a parameter starts at a multiple of ``_PIECE_ALIGN`` elements: the fused
+        kernel runs its vector loop from the start of each tensor and a scalar loop over
+        the tail, whose results can differ in the last bit, so aligned pieces keep every
+        element on the path it takes when the whole tensor is updated at once.
+        """
+        chunk: list[tuple[_Entry, int, int]] = []
+        fill = 0
+        for e in entries:
+            n, start = e.p.numel(), 0
+            while start < n:
+                room = self.chunk_elems - fill
+                take = n - start if n - start <= room else room // _PIECE_ALIGN * _PIECE_ALIGN
+                if take == 0:
+                    yield chunk
+                    chunk, fill = [], 0
+                    continue
+                chunk.append((e, start, start + take))
+                fill += take
+                start += take
+                if fill >= self.chunk_elems:
+                    yield chunk
+                    chunk, fill = [], 0
+        if chunk:
+            yield chunk

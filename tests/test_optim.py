@@ -115,7 +115,8 @@ def test_adamw_cpu_bf16_param_keeps_fp32_master() -> None:
     assert torch.equal(p.detach(), master.to(torch.bfloat16))
     # lr 1e-3 updates are below bf16 resolution for many entries; the master keeps them.
     assert not torch.equal(master, master.to(torch.bfloat16).float())
-    assert opt.state_bytes() == {"cpu": 3 * 16 * 16 * 4, "accelerator": 0}
+    # master + two moments, plus the fp32 scratch the bf16 grads are widened into
+    assert opt.state_bytes() == {"cpu": 4 * 16 * 16 * 4, "accelerator": 0}
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
