@@ -83,7 +83,8 @@ def test_probe_backs_off_and_a_step_at_its_budget_runs():
     budget = probe_micro_batch_tokens(model, seq_len, optimizer=optimizer, max_tokens=cap,
                                       chunk_size=1024)
     assert seq_len // 2 <= budget < cap  # an OOM bounded it, one sequence fitted
-    assert torch.cuda.memory_allocated(device) == allocated  # trials freed, grads None
+    # Trials freed (they took GiBs); only library workspaces may stay (cuBLAS: 64 MiB seen).
+    assert torch.cuda.memory_allocated(device) - allocated <= 256 << 20
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(rng_cpu, torch.get_rng_state())
     assert torch.equal(rng_cuda, torch.cuda.get_rng_state(device))
