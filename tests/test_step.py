@@ -272,3 +272,21 @@ def test_grad_checkpointing_gives_lora_the_same_gradients(tiny_model_dir, before
     for a, b in zip(expected, got):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert all(g.abs().sum() > 0 for g in got)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
+def test_cpu_offload_optimizer_through_the_hooks_equals_adamw(max_grad_norm):
+    """The contract end to end: last_backward and clip_grad_norm_ of CPUOffloadAdamW, used by
+    the step, give exactly torch's AdamW with torch's clipping (two steps, three micro-batches
+    each; norms are ~1.03, so 0.5 clips)."""
+    from example_trainer.offload_adamw import CPUOffloadAdamW
+    reference, offloaded = tiny_llama(), tiny_llama()
+    adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
+    offload = CPUOffloadAdamW(offloaded.parameters(), lr=1e-2)
+    step_cfg = StepConfig(micro_batch_size=2, max_grad_norm=max_grad_norm)
+    for _ in range(2):
+        expected = grpo_step(reference, adamw, varied_batch(), step_cfg)
+        got = grpo_step(offloaded, offload, varied_batch(), step_cfg)
+        assert got["train/grad_norm"] == expected["train/grad_norm"]
+    for a, b in zip(reference.parameters(), offloaded.parameters()):
+        assert torch.equal(a, b)
