@@ -5,7 +5,10 @@ A bf16 run with masters and an fp32 run get identical gradients from the same st
 masters must move as the fp32 weights do (within 1% relative L1 of the displacement), the
 model must hold the masters rounded to bf16, and without masters the bf16 weights must move
 far less (the failure this fixes, and the proof the first check can fail). Imports nothing
-that imports vllm. Run with `-m gpu`; skipped without CUDA.
+that imports vllm. Run with `-m gpu`; skipped without CUDA. Measured on an H200 (torch
+2.11, bitsandbytes 0.50.2): identical gradients, masters vs fp32 0 for both optimizers,
+without masters 0.015 of the fp32 displacement; bf16 forward 0.0039 (adamw), 0.015
+(adamw_8bit), without masters 0.99.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def test_cuda_end_to_end_bf16_forward(name: str) -> None:
     _, _, lost = _run(name, BF16, False)
     rel, rel_lost = _rel_l1(got, want), _rel_l1(lost, want)
     print(f"{name}: bf16 forward, masters vs fp32: rel L1 {rel:.3g} (no masters {rel_lost:.3g})")
-    assert rel <= 0.05 and rel_lost > 0.5, (rel, rel_lost)
+    assert rel <= 0.03 and rel_lost > 0.5, (rel, rel_lost)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
