@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 
 import pytest
@@ -223,3 +224,20 @@ def test_hooks_follow_the_optimizer_lifetime() -> None:
     del opt  # the hook holds it weakly: a dropped optimizer is freed, backward still works
     net(_inputs(1)[0]).backward()
     assert net.w1.grad is not None
+
+
+def test_offload_benchmark_smoke_on_cpu(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from example_trainer.bench.offload import main
+    out = tmp_path / "offload.json"
+    result = main(["--params", "tiny", "--device", "cpu", "--tokens", "64", "--seq-len", "32",
+                   "--warmup", "0", "--repeats", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["floor"]["d2h_s"] is None and saved["floor"]["h2d_s"] is None  # GPU-only
+    assert saved["floor"]["cpu_adamw_s"] > 0
+    rows = {r["name"]: r for r in saved["rows"]}
+    assert rows["adamw_cpu (chunk 8 MiB)"]["exposed_s"] > 0
+    assert rows["adamw"]["step_vs_adamw"] == 1.0
+    assert "step_s" not in rows["torchao CPUOffloadOptimizer"]
+    assert result["config"]["parameters"] == saved["config"]["parameters"] > 0
+    table = capsys.readouterr().out
+    assert "floor: D2H grads n/a" in table and "adamw_cpu (chunk 8 MiB)" in table
