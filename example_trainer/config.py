@@ -65,11 +65,12 @@ class TrainConfig:
                           group="data")
     micro_batch_size: int = opt(4, "Sequences per forward/backward; gradients accumulate.",
                                 group="data")
-    micro_batch_tokens: int = opt(0, "Split each batch by padded tokens instead: micro-batches "
-                                  "of as many sequences as fit N tokens (rows x longest row; "
-                                  "longest sequences first). 0: off, use --micro-batch-size; "
-                                  "-1: auto, probe the largest budget that fits free GPU "
-                                  "memory at start-up (on CPU auto means off).", group="data")
+    micro_batch_tokens: int = opt(-1, "Split each batch by padded tokens instead: "
+                                  "micro-batches of as many sequences as fit N tokens (rows x "
+                                  "longest row; longest sequences first). 0: off, use "
+                                  "--micro-batch-size; -1 (auto): on CUDA probe the largest "
+                                  "budget that fits free GPU memory at start-up, on CPU use "
+                                  "--micro-batch-size.", group="data")
     max_token_len: int = opt(512, "Longest sequence (prompt + completion) the API accepts.",
                              group="data")
     adv_std_norm: bool = opt(True, "Divide group advantages by the group's reward std "

