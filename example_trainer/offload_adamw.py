@@ -149,7 +149,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, chunk_bytes: int = 8 * MiB,
+                 weight_decay: float = 1e-2, chunk_bytes: int = 32 * MiB,
                  cpu_threads: int | None = None) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"invalid lr={lr}, eps={eps} or weight_decay={weight_decay}")

@@ -302,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--dtype", default="", choices=["", "bf16", "fp32"],
                     help="default: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--chunk-mib", type=float, nargs="+", default=[8.0],
+    ap.add_argument("--chunk-mib", type=float, nargs="+", default=[32.0],
                     help="adamw_cpu chunk sizes to measure (one row each)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=2)
