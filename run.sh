@@ -5,6 +5,8 @@
 #                              API, the arithmetic environment and the trainer (which starts
 #                              vLLM), print progress and a final summary
 #   ./run.sh test [pytest args] run the whole test suite (what CI runs)
+#   ./run.sh test-gpu [args]    only the tests marked gpu (they skip without CUDA; on a lent
+#                              GPU machine without this venv: bash scripts/gpu_check.sh)
 #   ./run.sh setup              only create/refresh the virtual environment
 #   ./run.sh bench [flags]      compare every mode on the same work: one table, JSON and PNG
 #                              (python -m example_trainer.bench; --help lists the flags)
@@ -128,6 +130,7 @@ run_system() {
 
 case "${1:-}" in
   test) shift; run_tests "$@" ;;
+  test-gpu) shift; run_tests -m gpu "$@" ;;
   setup) setup; log "environment ready: $VIRTUAL_ENV" ;;
   bench) shift; setup; exec python -m example_trainer.bench "$@" ;;
   *) run_system "$@" ;;
