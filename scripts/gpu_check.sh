@@ -17,9 +17,9 @@
 # whatever the benchmarks did. Without CUDA (or with GPU_CHECK_QUICK=1) the benchmarks run
 # at tiny sizes, so `bash scripts/gpu_check.sh` checks this script end to end on a CPU box.
 #
-# Environment: OUT (results; default runs/gpu-check-<time>), PYTHON (default: .venv's python
-# if there is one, else python3), WHEELS (.gpu-wheels), GPU_CHECK_SITE (the --target dir),
-# GPU_CHECK_FORCE (wheels installed even if present: "bitsandbytes", for its CUDA 13 build),
+# Environment: OUT (results; default runs/gpu-check-<time>), PYTHON (default: the first of
+# .venv/bin/python, python3, python that imports torch), WHEELS (.gpu-wheels),
+# GPU_CHECK_SITE (the --target dir), GPU_CHECK_FORCE (wheels installed even if present: "bitsandbytes", for its CUDA 13 build),
 # GPU_CHECK_QUICK, GPU_CHECK_BUDGET_S (480), GPU_CHECK_TEST_TIMEOUT_S (300),
 # GPU_CHECK_PER_TEST_S (150), GPU_CHECK_BENCH_TIMEOUT_S (120),
 # GPU_CHECK_OFFLOAD_ARGS / GPU_CHECK_OFFLOAD_QUICK_ARGS, GPU_CHECK_LOGPROBS_ARGS /
@@ -32,10 +32,10 @@ OUT=${OUT:-$ROOT/runs/gpu-check-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
-if [[ -z ${PYTHON:-} ]]; then
-  if [[ -x $ROOT/.venv/bin/python ]]; then PYTHON=$ROOT/.venv/bin/python
-  elif command -v python3 >/dev/null; then PYTHON=python3
-  else PYTHON=python; fi
+if [[ -z ${PYTHON:-} ]]; then  # the first that has torch: the machine's torch is under test
+  for PYTHON in "$ROOT/.venv/bin/python" python3 python; do
+    "$PYTHON" -c "import torch" 2>/dev/null && break
+  done
 fi
 WHEELS=${WHEELS:-$ROOT/.gpu-wheels}
 SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/example-trainer-gpu-site}
@@ -170,7 +170,9 @@ fi
 
 # --- 3. the tests -------------------------------------------------------------------------
 mapfile -t TEST_FILES < <(grep -l "pytest.mark.gpu" tests/test_*.py 2>/dev/null)
-PYTEST_ARGS=(-m gpu -q -p no:cacheprovider -raP --junitxml="$OUT/pytest-junit.xml")
+# A file that fails to import (a missing package) is reported, and the others still run.
+PYTEST_ARGS=(-m gpu -q -p no:cacheprovider -raP --continue-on-collection-errors
+             --junitxml="$OUT/pytest-junit.xml")
 if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then
   PYTEST_ARGS+=(--timeout="$PER_TEST")
 fi
