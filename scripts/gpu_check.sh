@@ -19,7 +19,8 @@
 #
 # Environment: OUT (results; default runs/gpu-check-<time>), PYTHON (default: the first of
 # .venv/bin/python, python3, python that imports torch), WHEELS (.gpu-wheels),
-# GPU_CHECK_SITE (the --target dir), GPU_CHECK_FORCE (wheels installed even if present: "bitsandbytes", for its CUDA 13 build),
+# GPU_CHECK_SITE (the --target dir), GPU_CHECK_FORCE (wheels installed even if present;
+# default "bitsandbytes", for its CUDA 13 build),
 # GPU_CHECK_QUICK, GPU_CHECK_BUDGET_S (480), GPU_CHECK_TEST_TIMEOUT_S (300),
 # GPU_CHECK_PER_TEST_S (150), GPU_CHECK_BENCH_TIMEOUT_S (120),
 # GPU_CHECK_OFFLOAD_ARGS / GPU_CHECK_OFFLOAD_QUICK_ARGS, GPU_CHECK_LOGPROBS_ARGS /
@@ -44,6 +45,12 @@ BUDGET=${GPU_CHECK_BUDGET_S:-480}
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT_S:-300}
 PER_TEST=${GPU_CHECK_PER_TEST_S:-150}
 BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT_S:-120}
+# Benchmark flags: on the GPU, and tiny ones for quick mode.
+OFFLOAD_FULL="--params 1b --tokens 8192"
+OFFLOAD_QUICK="--params tiny --tokens 256"
+LOGPROBS_FULL="--device cuda --dtype bfloat16 --vocab 49152 --hidden 576 --layers 4 --heads 9"
+LOGPROBS_FULL+=" --batch 8 --seq 1024 --repeats 5"
+LOGPROBS_QUICK="--vocab 2048 --hidden 64 --layers 1 --batch 2 --seq 64 --repeats 1"
 START=$SECONDS
 SUMMARY=()
 
@@ -199,16 +206,16 @@ bench() {
         log "skip offload: example_trainer.bench.offload does not exist (yet)"
         record bench:offload skipped 0 "no module"; return
       fi
-      if ((GPU_CHECK_QUICK)); then args=${GPU_CHECK_OFFLOAD_QUICK_ARGS:---params tiny --tokens 256}
-      else args=${GPU_CHECK_OFFLOAD_ARGS:---params 1b --tokens 8192}; fi
+      if ((GPU_CHECK_QUICK)); then args=${GPU_CHECK_OFFLOAD_QUICK_ARGS:-$OFFLOAD_QUICK}
+      else args=${GPU_CHECK_OFFLOAD_ARGS:-$OFFLOAD_FULL}; fi
       # shellcheck disable=SC2086  # the flags are meant to split
       step bench:offload "$BENCH_TIMEOUT" "$OUT/bench-offload.log" "$PYTHON" -m \
         example_trainer.bench.offload $args --out "$OUT/offload.json" ;;
     logprobs)
       if ((GPU_CHECK_QUICK)); then
-        args=${GPU_CHECK_LOGPROBS_QUICK_ARGS:---vocab 2048 --hidden 64 --layers 1 --batch 2 --seq 64 --repeats 1}
+        args=${GPU_CHECK_LOGPROBS_QUICK_ARGS:-$LOGPROBS_QUICK}
       else
-        args=${GPU_CHECK_LOGPROBS_ARGS:---device cuda --dtype bfloat16 --vocab 49152 --hidden 576 --layers 4 --heads 9 --batch 8 --seq 1024 --repeats 5}
+        args=${GPU_CHECK_LOGPROBS_ARGS:-$LOGPROBS_FULL}
       fi
       # shellcheck disable=SC2086
       step bench:logprobs "$BENCH_TIMEOUT" "$OUT/bench-logprobs.log" "$PYTHON" \
