@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODES = ("legacy", "shared_vllm", "lora_hotswap", "lora_nccl")
+MODES = ("legacy", "shared_vllm", "lora_hotswap", "lora_nccl", "full_nccl")
 LORA_MODES = ("lora_hotswap", "lora_nccl")
 TRAINS_CHOICES = ("full", "lora")  # what a mode declares it trains (its TRAINS)
 OPTIMIZER_NAMES = ("adamw", "adamw_8bit", "adamw_cpu", "adafactor")
@@ -123,12 +123,13 @@ class TrainConfig:
     lora_sync_backend: str = opt("auto", "Process-group backend of lora_nccl's adapter "
                                  "broadcast; 'auto' is NCCL when the trainer is on CUDA, "
                                  "gloo otherwise.", ("auto", "gloo", "nccl"), "lora")
-    sync_pause: str = opt("wait", "How generation meets an adapter swap: 'wait' pauses vLLM "
+    sync_pause: str = opt("wait", "How generation meets an in-memory swap (lora_nccl, "
+                          "lora_hotswap, full_nccl): 'wait' pauses vLLM "
                           "(/pause?mode=wait) until running requests finish, swaps, then "
                           "resumes, so no sequence mixes two policies; 'none' swaps between "
                           "engine steps while requests run (PipelineRL-style; rollouts are "
                           "tagged with the weight version they started under).",
-                          ("wait", "none"), "lora")
+                          ("wait", "none"), "vllm")
 
     # --- vLLM --------------------------------------------------------------------------
     vllm_url: str = opt("", "Use a vLLM server you started yourself (e.g. "
@@ -150,6 +151,9 @@ class TrainConfig:
                            "environment samples with it (in LoRA modes it is the adapter's "
                            "name).", group="vllm")
     sync_every: int = opt(1, "Steps between weight syncs to vLLM.", group="vllm")
+    sync_bucket_mib: float = opt(64.0, "full_nccl: MiB per packed bucket of a sync (the "
+                                 "trainer's extra memory during a sync; a tensor larger than "
+                                 "a bucket is sent on its own).", group="vllm")
     sync_timeout: float = opt(120.0, "Seconds a weight-sync collective, or vLLM's /health "
                               "while the trainer waits for data, may stall before the run "
                               "fails with an error naming the cause.", group="vllm")
@@ -245,6 +249,8 @@ class TrainConfig:
                  f"{getattr(self, name)}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(self.sync_timeout > 0, f"--sync-timeout must be positive, got {self.sync_timeout}")
+        need(self.sync_bucket_mib > 0, "--sync-bucket-mib must be positive, got "
+             f"{self.sync_bucket_mib}")
         need(":" in self.mode or self.mode in MODES,
              f"invalid --mode {self.mode!r}: choose from {', '.join(MODES)} or give "
              "'package.module:function' / 'file.py:function'")

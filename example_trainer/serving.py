@@ -67,7 +67,8 @@ def start_vllm(cfg: TrainConfig, model_path: str | Path, **options: Any) -> VLLM
         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if gpu else None,
         tensor_parallel_size=cfg.vllm_tensor_parallel_size if gpu else None,
         kv_cache_gib=None if gpu else cfg.vllm_kv_cache_gib, seed=cfg.seed,
-        log_path=Path(cfg.save_path) / "vllm.log", extra_args=cfg.vllm_extra_args,
+        log_path=Path(cfg.save_path) / "vllm.log",
+        extra_args=[*cfg.vllm_extra_args, *options.pop("extra_args", ())],
         startup_timeout=cfg.vllm_startup_timeout, dev_mode=True,
         # Sampled-token log-probs after temperature, the distribution the trainer's
         # logits / T reproduces (vLLM's default is the raw, pre-temperature one).
