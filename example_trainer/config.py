@@ -176,6 +176,10 @@ class TrainConfig:
                         "(empty: no evaluation).", group="eval")
     eval_size: int = opt(64, "Held-out problems per evaluation (0: no evaluation).",
                          group="eval")
+    eval_every: int = opt(0, "Also evaluate every N steps, right after a sync, for the "
+                          "learning curve (accuracy.png in --save-path); 0: only before and "
+                          "after training. Its time is kept apart from the steps' times.",
+                          group="eval")
     eval_temperature: float = opt(1.0, "Sampling temperature of the evaluation (0: greedy).",
                                   group="eval")
     eval_max_tokens: int = opt(48, "Completion tokens per evaluation answer.", group="eval")
@@ -243,7 +247,7 @@ class TrainConfig:
                      "lora_rank", "logprob_chunk_size"):
             need(getattr(self, name) > 0, f"--{dashed(name)} must be positive, got "
                  f"{getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm", "kl_coef",
+        for name in ("eval_every", "warmup_steps", "save_every", "weight_decay", "max_grad_norm", "kl_coef",
                      "lora_dropout", "keep_checkpoints"):
             need(getattr(self, name) >= 0, f"--{dashed(name)} must be >= 0, got "
                  f"{getattr(self, name)}")

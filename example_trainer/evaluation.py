@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
@@ -30,3 +31,31 @@ def held_out_accuracy(cfg: TrainConfig, vllm_url: str, tokenizer: Any,
                   tokenizer=tokenizer)
     return env.evaluate(env.eval_items(cfg.eval_size, seed=cfg.seed),
                         temperature=cfg.eval_temperature)
+
+
+def plot_learning_curve(curve: list[dict[str, Any]], path: Path, *, title: str = "") -> None:
+    """Held-out accuracy against training seconds (evaluation time excluded) as a PNG, the
+    picture a user wants from a first run; skipped with a note when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no %s (pip install 'example-trainer[bench]')",
+                 path.name)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["train_s"] for p in curve], [p["accuracy"] for p in curve], marker="o")
+    for point in curve:
+        ax.annotate(str(point["step"]), (point["train_s"], point["accuracy"]),
+                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("training wall time, s (evaluation excluded; labels: step)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"learning curve: {title}" if title else "learning curve", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    log.info("learning curve written to %s", path)

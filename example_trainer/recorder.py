@@ -67,7 +67,8 @@ class Recorder:
         self.config = asdict(config) if config is not None else {}
         self.records: list[dict[str, Any]] = []
         self._times: dict[str, float] = {}
-        self._step_start = time.perf_counter()
+        self._step_start = self.started = time.perf_counter()
+        self.apart_s = 0.0  # time spent outside the steps' clock (held-out evaluation)
         self._wandb = None
         # Callables whose metrics join every step's record (e.g. the fetcher's data wait
         # and rollout staleness), so a mode's loop doesn't have to gather them.
@@ -92,6 +93,22 @@ class Recorder:
             yield
         finally:
             self._times[name] = self._times.get(name, 0.0) + time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def apart(self) -> Iterator[None]:
+        """Time a block outside the steps' clock (an evaluation between steps): it counts in
+        neither the next step's step_s nor `training_seconds()`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self._step_start += spent
+            self.apart_s += spent
+
+    def training_seconds(self) -> float:
+        """Wall time since the run started, less the time kept apart."""
+        return time.perf_counter() - self.started - self.apart_s
 
     def log(self, step: int, metrics: dict[str, float], **extra: float) -> dict[str, Any]:
         """Close the step: `step` is the number of completed steps (1-based)."""

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -30,7 +31,7 @@ from .api import BatchFetcher, TrajectoryClient
 from .checkpoint import (SAFE_POINTS, Checkpointer, find_checkpoint, guard_optimizer_updates,
                          load_pending_batches, load_trainer_state, save_weights)
 from .config import TrainConfig
-from .evaluation import held_out_accuracy
+from .evaluation import held_out_accuracy, plot_learning_curve
 from .model import load_model, resolve_model_path
 from .optim import build_optimizer, build_scheduler
 from .parity import ParityProbe
@@ -80,8 +81,9 @@ class TrainingRun:
                 master_weights=None if cfg.master_weights == "auto" else False)
             scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps,
                                         cfg.lr_schedule)
-            start = (load_trainer_state(checkpoint, optimizer, scheduler)["step"]
-                     if checkpoint else 0)
+            resumed = (load_trainer_state(checkpoint, optimizer, scheduler) if checkpoint
+                       else {})
+            start = resumed.get("step", 0)
             # vLLM started after set-up on the same GPU takes its share of memory: keep it
             # out of the micro-batch probe (a server already running is counted as used).
             reserve = (int(cfg.vllm_gpu_memory_utilization * torch.cuda.mem_get_info()[1])
@@ -98,7 +100,8 @@ class TrainingRun:
                                    batch_timeout=cfg.batch_timeout, starting_step=start,
                                    checkpoint_dir=cfg.save_path,
                                    wandb_project=cfg.wandb_project,
-                                   wandb_group=cfg.wandb_group)
+                                   wandb_group=cfg.wandb_group, leases=True,
+                                   resume_lease=resumed.get("lease"))
             recorder = Recorder(mode=cfg.mode, total_steps=cfg.steps, benchmark=cfg.benchmark,
                                 json_path=cfg.benchmark_json,
                                 wandb_project=cfg.wandb_project, wandb_group=cfg.wandb_group,
@@ -146,24 +149,31 @@ class TrainingRun:
         with self.recorder.timer("sync"), self.vllm.guard():
             yield
             self.fetcher.publish_weight_version(step)
+            self._synced_step = step
         if self._probe is not None:
             metrics |= self._probe.check()
 
     # --- the loop -----------------------------------------------------------------------
 
-    def steps(self) -> range:
-        """1-based numbers of the steps still to run. Called once vLLM serves the starting
-        weights: takes the parity probe's first reading (--parity-check)."""
+    def steps(self) -> Iterator[int]:
+        """1-based numbers of the steps still to run. Started once vLLM serves the starting
+        weights: takes the parity probe's first reading (--parity-check). Between steps,
+        with --eval-every, evaluates right after a sync (time kept apart from the steps')."""
         if self.cfg.parity_check and self.vllm is not None and self._probe is None:
             self._probe = ParityProbe(self.model, self.tokenizer, self.vllm.client,
                                       self.cfg.served_name, atol=self.cfg.parity_atol,
                                       sampled=self.cfg.is_lora, guard=self.vllm.guard)
-        return range(self.start_step + 1, self.cfg.steps + 1)
+        every = self.cfg.eval_every
+        for step in range(self.start_step + 1, self.cfg.steps + 1):
+            yield step
+            if every and step % every == 0 and step < self.cfg.steps \
+                    and self._synced_step == step:
+                self.evaluate(f"step {step}")
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint holds (keyword arguments of Checkpointer.save)."""
         return dict(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                    scheduler=self.scheduler)
+                    scheduler=self.scheduler, lease=self.fetcher.lease_record())
 
     def save_served_weights(self, step: int) -> Path:
         """Weights only (no optimizer state) in a fresh directory vLLM can load: the full
@@ -182,12 +192,27 @@ class TrainingRun:
         return {"sync/bytes": float(nbytes)} if nbytes else {}
 
     def evaluate(self, when: str) -> float | None:
-        """Held-out accuracy through vLLM with the environment's own scorer."""
-        accuracy = held_out_accuracy(self.cfg, self.vllm.url, self.tokenizer, self.model_path)
-        if accuracy is not None:
+        """Held-out accuracy through vLLM with the environment's own scorer ("before",
+        "after" or "step N"); each point joins the learning curve (`eval_curve`: step,
+        training seconds so far, accuracy, evaluation seconds kept apart)."""
+        with self.recorder.apart():
+            t0 = time.perf_counter()
+            accuracy = held_out_accuracy(self.cfg, self.vllm.url, self.tokenizer,
+                                         self.model_path)
+        if accuracy is None:
+            return None
+        step = self.completed_step() if when != "before" else self.start_step
+        self.results.setdefault("eval_curve", []).append(
+            {"step": step, "train_s": round(self.recorder.training_seconds(), 2),
+             "accuracy": accuracy, "eval_s": round(time.perf_counter() - t0, 2)})
+        if when in ("before", "after"):
             self.results[f"eval_{when}"] = accuracy
-            log.info("held-out accuracy %s training: %.3f (%d problems, T=%.1f)", when,
-                     accuracy, self.cfg.eval_size, self.cfg.eval_temperature)
+        log.info("held-out accuracy %s%s: %.3f (%d problems, T=%.1f)", when,
+                 " training" if when in ("before", "after") else "", accuracy,
+                 self.cfg.eval_size, self.cfg.eval_temperature)
+        if when == "after" and len(self.results["eval_curve"]) > 1:
+            plot_learning_curve(self.results["eval_curve"],
+                                Path(self.cfg.save_path) / "accuracy.png", title=self.cfg.mode)
         return accuracy
 
     def __post_init__(self) -> None:
@@ -201,6 +226,7 @@ class TrainingRun:
         self._sync_bytes = 0  # bytes of served weights written since the last step record
         self.recorder.add_source(self._pop_sync_bytes)
         self._probe: ParityProbe | None = None
+        self._synced_step = self.start_step  # the last step whose weights vLLM serves
 
         def started() -> None:
             self._in_update = True
@@ -210,6 +236,8 @@ class TrainingRun:
             self._updated_step = self.fetcher.in_flight_step
 
         guard_optimizer_updates(self.optimizer, on_start=started, on_done=finished)
+        # A saved checkpoint commits the API leases it covers (sent with the next poll).
+        self.checkpoints.on_saved = self.fetcher.checkpoint_saved
 
     def __enter__(self) -> "TrainingRun":
         return self

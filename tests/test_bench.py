@@ -43,3 +43,17 @@ def test_wandb_logs_every_step_offline(tmp_path, monkeypatch):
     recorder.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_time_kept_apart_counts_in_neither_the_step_nor_training_seconds():
+    """Evaluation between steps runs under `apart()`: the next step's step_s and the
+    learning curve's clock must not include it."""
+    rec = Recorder(mode="legacy", total_steps=2)
+    with rec.apart():
+        time.sleep(1.0)
+    with rec.timer("train"):
+        time.sleep(0.01)
+    record = rec.log(1, {"train/tokens": 1.0})
+    # Without the exclusion both would be >= 1 s; the margin absorbs a slow machine.
+    assert record["step_s"] < 0.9 and rec.training_seconds() < 0.9, record
+    assert rec.apart_s >= 1.0

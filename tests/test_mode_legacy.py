@@ -32,13 +32,19 @@ def test_legacy_restarts_vllm_on_new_weights(tiny_model_dir, api_url, tmp_path):
     env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
     try:
         mode = copied_mode("legacy", tmp_path)  # the template, copied and edited
-        out = run_trainer("--mode", mode,
+        out = run_trainer("--mode", mode, "--eval-every", "2",
                           *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path))
         assert out.returncode == 0, out.stdout[-5000:]
         report = check_report(tmp_path, steps=3)
         assert all(r["sync/vllm_startup_s"] > 0 for r in report["steps"])
         assert all(r["custom/my_metric"] == 42.0 for r in report["steps"])
         assert "eval_before" in report and "eval_after" in report
+        # --eval-every 2: the learning curve has before, step 2 and after, on a clock that
+        # keeps evaluation apart, and is drawn in the run directory
+        curve = report["eval_curve"]
+        assert [p["step"] for p in curve] == [0, 2, 3], curve
+        assert all(a["train_s"] < b["train_s"] for a, b in zip(curve, curve[1:])), curve
+        assert (tmp_path / "accuracy.png").stat().st_size > 0
         assert f"run summary ({mode})" in out.stdout and "held-out acc." in out.stdout
         # The environment stops on the API's training-finished signal, not by a count.
         assert env.wait(timeout=120) == 0, (tmp_path / "env.log").read_text()[-3000:]

@@ -290,6 +290,7 @@ class VLLMServer:
         assert self._proc is not None
         deadline = t0 + self.startup_timeout
         health = f"{self.url}/health"
+        next_report = t0 + 10.0  # a start-up takes 20-60 s on CPU: say what it is doing
         while True:
             code = self._proc.poll()
             if code is not None:
@@ -300,10 +301,16 @@ class VLLMServer:
                     return
             except requests.RequestException:
                 pass
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise VLLMStartupError(self.failure_message(
                     f"vLLM did not become healthy within {self.startup_timeout:.0f} s"),
                     log_path=self.log_path, pgid=self._pgid)
+            if now >= next_report:
+                last = next((line for line in reversed(self.tail_log(5)) if line.strip()), "")
+                log.info("vLLM starting: %.0f s so far (timeout %.0f s); log: %s", now - t0,
+                         self.startup_timeout, last.strip()[:120])
+                next_report = now + 10.0
             time.sleep(0.5)
 
     def exit_code(self, wait_s: float = 0.0) -> int | None:
