@@ -4,14 +4,24 @@ The fetcher owns everything between "the API has data" and "a padded Batch": reg
 trainer, polling /batch with exponential backoff, riding out short API outages, and turning
 groups into tensors. Malformed groups are counted in `rejected_groups`, never silently lost.
 
-The /batch server pops what it serves, so the fetcher remembers the raw groups of the batch
-it handed out last (`in_flight`) until that step is trained: an interruption in between saves
-them with the final checkpoint, and a resumed run trains them first (`replay`).
+With `leases=True` (the trainer's choice; this project's API supports it, Atropos' does
+not and the fetcher then works as without) every batch the API hands out stays leased there
+until a checkpoint covers it. Each poll acknowledges the batches handed out before it (their
+steps are done) and, after a checkpoint, commits the leases it covers, in the poll's query
+string: no extra round trip. The checkpoint records the last lease it covers
+(`lease_record`); a resumed fetcher claims it at /register, and the API returns every lease
+past it (a SIGKILLed trainer's untrained and trained-but-unsaved batches) to the head of its
+queue, in order.
 
-An API server that restarts forgets the trainer (its /batch then answers null for ever). The
-fetcher notices a new `instance_id` in /status while it waits and registers again at the
-step after the last batch it handed out; what it consumed is gone from the new server, so
-nothing is trained twice.
+The fetcher also remembers the raw groups of the batch it handed out last (`in_flight`) until
+that step is trained: an interruption in between saves them with the final checkpoint (whose
+lease record then covers them), and a resumed run trains them first (`replay`). That keeps
+resume working against an API that was restarted without a durable queue.
+
+An API server that restarts has the trainer re-register: the fetcher notices a new
+`instance_id` in /status while it waits and registers again at the step after the last batch
+it handed out, claiming the leases it holds. A durable API (--queue-db) kept them and the
+queue; an in-memory one forgot both, so nothing it handed out is trained twice.
 """
 
 from __future__ import annotations
@@ -68,16 +78,27 @@ class TrajectoryClient:
     def register(self, *, batch_size: int, max_token_len: int, num_steps: int,
                  starting_step: int = 0, checkpoint_dir: str = "",
                  save_checkpoint_interval: int = 0, wandb_project: str = "",
-                 wandb_group: str = "") -> str:
+                 wandb_group: str = "", leases: bool = False,
+                 lease_claim: dict[str, str | None] | None = None) -> dict[str, Any]:
+        """The answer: {"uuid"}, and from this project's API "queue_id" and "leases"."""
         body = {"batch_size": batch_size, "max_token_len": max_token_len,
                 "num_steps": num_steps, "starting_step": starting_step,
                 "checkpoint_dir": checkpoint_dir,
                 "save_checkpoint_interval": save_checkpoint_interval,
                 "wandb_project": wandb_project, "wandb_group": wandb_group}
-        return self._call("POST", "/register", json=body)["uuid"]
+        if leases:
+            body.update(leases=True, lease_claim=lease_claim or {})
+        return self._call("POST", "/register", json=body)
 
-    def get_batch(self) -> list[dict[str, Any]] | None:
-        return self._call("GET", "/batch")["batch"]
+    def get_batch(self, ack: str | None = None, commit: str | None = None
+                  ) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """(groups or None, lease id or None); `ack`/`commit` ride along in the query."""
+        params = {key: value for key, value in (("ack", ack), ("commit", commit)) if value}
+        answer = self._call("GET", "/batch", params=params or None)
+        return answer["batch"], answer.get("lease_id")
+
+    def acknowledge(self, ack: str | None, commit: str | None) -> None:
+        self._call("POST", "/batch/ack", json={"ack": ack, "commit": commit})
 
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/status")
@@ -113,7 +134,10 @@ class BatchFetcher:
                  num_steps: int, pad_id: int, vocab_size: int | None = None,
                  std_norm: bool = True, batch_timeout: float = 600.0,
                  starting_step: int = 0, checkpoint_dir: str = "",
-                 wandb_project: str = "", wandb_group: str = "") -> None:
+                 wandb_project: str = "", wandb_group: str = "", leases: bool = False,
+                 resume_lease: str | None = None) -> None:
+        """`leases`: lease batches (see the module docstring); `resume_lease`: the lease
+        record of the checkpoint this run resumes from (what it covers)."""
         self.client = client
         self.pad_id = pad_id
         self.vocab_size = vocab_size
@@ -135,7 +159,12 @@ class BatchFetcher:
                                   num_steps=num_steps, starting_step=starting_step,
                                   checkpoint_dir=checkpoint_dir, wandb_project=wandb_project,
                                   wandb_group=wandb_group)
-        self.uuid = client.register(**self._registration)
+        self.leases = leases
+        self.last_lease: str | None = None     # the last lease the API handed out
+        self.commit_due: str | None = None     # covered by a checkpoint, not yet sent
+        self.committed: str | None = resume_lease  # sent (or claimed at registration)
+        self.queue_id: str | None = None
+        self.uuid = self._register(starting_step, keep=None)
         self.instance = self._server_instance()
         self.reregistrations = 0  # after API restarts
         self._instance_checked = time.monotonic()
@@ -167,7 +196,7 @@ class BatchFetcher:
             return False
         step = self.in_flight_step
         try:
-            self.uuid = self.client.register(**{**self._registration, "starting_step": step})
+            self.uuid = self._register(step, keep=self.last_lease)
         except requests.RequestException as err:
             log.warning("trajectory API restarted, registering again failed (%s); retrying",
                         type(err).__name__)
@@ -179,6 +208,49 @@ class BatchFetcher:
         if self.weight_version is not None:  # the new server knows no version either
             self.publish_weight_version(self.weight_version)
         return True
+
+    def _register(self, step: int, keep: str | None) -> str:
+        """Register at `step`, claiming the leases this trainer holds (`keep`: up to the last
+        one handed out) or a checkpoint covers (`commit`)."""
+        commit = self.commit_due or self.committed
+        answer = self.client.register(**{**self._registration, "starting_step": step},
+                                      leases=self.leases,
+                                      lease_claim={"keep": keep, "commit": commit})
+        queue_id = answer.get("queue_id") if answer.get("leases") else None
+        if self.leases and queue_id is None:
+            log.info("the trajectory API at %s does not lease batches (an Atropos run-api?): "
+                     "a batch counts as delivered once served", self.client.url)
+        elif queue_id != self.queue_id and self.queue_id is not None:
+            log.warning("the trajectory API's queue changed (%s -> %s: restarted without "
+                        "--queue-db, or reset): the leases of the old one are gone",
+                        self.queue_id, queue_id)
+        if queue_id != self.queue_id:
+            self.last_lease = self.commit_due = None
+        self.queue_id = queue_id
+        return answer["uuid"]
+
+    def lease_record(self) -> str | None:
+        """For a checkpoint: the last lease it covers. Called when every batch handed out is
+        trained or saved as pending, which is whenever a checkpoint is written."""
+        return self.last_lease
+
+    def checkpoint_saved(self, lease: str | None) -> None:
+        """A checkpoint covering `lease` is on disk: commit it with the next poll."""
+        if lease is not None and self.queue_id is not None and lease.startswith(
+                f"{self.queue_id}-"):
+            self.commit_due = lease
+
+    def flush_acknowledgements(self) -> None:
+        """Send a due commit now (the last words of a run: no poll follows); best effort."""
+        if self.commit_due is None:
+            return
+        try:
+            self.client.acknowledge(self.last_lease, self.commit_due)
+        except requests.RequestException as err:
+            log.warning("could not commit lease %s to the API (%s); a resume claims it "
+                        "from the checkpoint", self.commit_due, type(err).__name__)
+            return
+        self.committed, self.commit_due = self.commit_due, None
 
     @property
     def rejected_groups(self) -> int:
@@ -201,7 +273,14 @@ class BatchFetcher:
             log.info("training a batch an interrupted run took from the API but never "
                      "trained (%d left)", len(self.replay) - 1)
             return self.replay.pop(0)
-        return self.client.get_batch()
+        # Polled only once the previous step is done: acknowledge everything handed out.
+        groups, lease = self.client.get_batch(ack=self.last_lease if self.leases else None,
+                                              commit=self.commit_due)
+        if self.commit_due is not None:
+            self.committed, self.commit_due = self.commit_due, None
+        if lease is not None:
+            self.last_lease = lease
+        return groups
 
     def next_batch(self) -> Batch:
         """Poll /batch with backoff until a usable batch arrives or batch_timeout passes."""
@@ -272,6 +351,7 @@ class BatchFetcher:
         return out
 
     def finish(self, reason: str = "completed") -> None:
+        self.flush_acknowledgements()
         try:
             self.client.finish(reason)
         except requests.RequestException as err:

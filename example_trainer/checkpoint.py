@@ -9,6 +9,10 @@ into place (rename is atomic on one filesystem); `latest` is replaced the same w
                              from the API but not trained yet; a resume trains them first)
     save_path/latest         the name of the newest complete checkpoint
 
+trainer_state.pt also holds `lease`: the last trajectory-API lease the checkpoint covers
+(trained, or saved as pending), so a resume after a crash tells the API which leased batches
+to forget and which to serve again (example_trainer/api.py).
+
 `SAFE_POINTS` decides where SIGINT/SIGTERM may land: never inside an optimizer update or
 between taking a batch from the API and recording it, so the final checkpoint written on an
 interruption holds whole steps and no batch vanishes.
@@ -274,6 +278,7 @@ class Checkpointer:
         self.every = every
         self.keep = max(keep, 1)
         self.last_saved_step: int | None = None
+        self.on_saved: Callable[[str | None], None] | None = None  # gets the lease record
         if self.root.is_dir():
             remove_stale_temporaries(self.root)
 
@@ -288,17 +293,20 @@ class Checkpointer:
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              extra: dict[str, Any] | None = None,
              pending: list[list[dict[str, Any]]] | None = None,
-             rng: dict[str, Any] | None = None) -> Path:
+             rng: dict[str, Any] | None = None, lease: str | None = None) -> Path:
         """`pending`: batches taken from the API but not trained (written next to the state);
-        `rng`: the RNG state at the step boundary when it has moved on since."""
+        `rng`: the RNG state at the step boundary when it has moved on since; `lease`: the
+        last API lease this checkpoint covers (passed to `on_saved` once it is on disk)."""
         state = {"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
                  "scheduler": scheduler.state_dict() if scheduler else None,
-                 "rng": rng or rng_state(), "extra": extra or {}}
+                 "rng": rng or rng_state(), "extra": extra or {}, "lease": lease}
         final = save_weights(self.root / f"step-{step:06d}", model, tokenizer, state, pending)
         write_text_atomic(self.root / "latest", final.name)
         self.last_saved_step = step
         self._prune()
         log.info("saved checkpoint %s", final)
+        if self.on_saved is not None:
+            self.on_saved(lease)
         return final
 
     def _prune(self) -> None:

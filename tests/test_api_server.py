@@ -315,7 +315,9 @@ def test_status_env_by_query_and_by_body(url: str) -> None:
     by_query = get(url, "/status-env", params={"env_id": env_id})
     by_body = get(url, "/status-env", json={"env_id": env_id})
     assert by_query == by_body
-    assert (by_query["env_queue_size"], by_query["queue_size"]) == (4, 8)
+    # queue_size in groups of this environment's size, as Atropos' run-api counts it.
+    assert (by_query["env_queue_size"], by_query["queued_sequences"]) == (4, 8)
+    assert (by_query["queue_size"], by_query["queued_groups"]) == (4, 4)
     assert (by_query["env_weight"], by_query["training_finished"]) == (1.0, False)
     assert by_query["current_step"] == 0
     theirs = get(url, "/status-env", params={"env_id": other})

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import sqlite3
 
 import uvicorn
 
 from .app import DEFAULT_MAX_REQUEST_MB, create_app
+from .queue import DEFAULT_LEASE_TIMEOUT_S, MEMORY
 
 log = logging.getLogger("environments.api_server")
 
@@ -17,6 +19,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -33,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
                         default=DEFAULT_MAX_REQUEST_MB,
                         help="largest request body in MiB (after gzip decoding); larger "
                              "posts get 413")
+    parser.add_argument("--queue-db", default=MEMORY, metavar="PATH",
+                        help="SQLite file holding the queue, registrations, run state and "
+                             "leases, so a restarted server loses nothing (created if "
+                             f"missing); {MEMORY} (default) forgets everything on exit")
+    parser.add_argument("--lease-timeout", type=_positive_float,
+                        default=DEFAULT_LEASE_TIMEOUT_S, metavar="SECONDS",
+                        help="a leased batch its trainer has neither acknowledged nor renewed "
+                             "(by polling /batch) for this long returns to the queue head")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="debug also logs every post and every HTTP request")
@@ -63,10 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s:%d: %s (is another server running there? choose "
                   "another --port)", args.host, args.port, err.strerror or err)
         return 2
-    log.info("trajectory API listening on http://%s:%d (max_queue_sequences=%d)", args.host,
-             sock.getsockname()[1], args.max_queue_sequences)
-    config = uvicorn.Config(create_app(args.max_queue_sequences, args.max_request_mb << 20),
-                            log_config=None,
+    try:
+        app = create_app(args.max_queue_sequences, args.max_request_mb << 20, args.queue_db,
+                         args.lease_timeout)
+    except sqlite3.Error as err:
+        sock.close()
+        log.error("cannot open the queue database %s: %s (check --queue-db)", args.queue_db,
+                  err)
+        return 2
+    log.info("trajectory API listening on http://%s:%d (max_queue_sequences=%d, queue %s)",
+             args.host, sock.getsockname()[1], args.max_queue_sequences, args.queue_db)
+    config = uvicorn.Config(app, log_config=None,
                             log_level=args.log_level, access_log=args.log_level == "debug")
     uvicorn.Server(config).run(sockets=[sock])
     return 0

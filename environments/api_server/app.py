@@ -17,9 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from .queue import QueueFull, TrainingFinished, TrajectoryQueue, UnknownEnv
-from .schema import (EnvRef, EnvRegistration, GroupError, ScoredData, TrainerRegistration,
-                     WeightVersion)
+from .queue import (DEFAULT_LEASE_TIMEOUT_S, MEMORY, QueueFull, TrainingFinished,
+                    TrajectoryQueue, UnknownEnv)
+from .schema import (EnvRef, EnvRegistration, GroupError, LeaseAck, ScoredData,
+                     TrainerRegistration, WeightVersion)
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,11 @@ class RequestBodyLimit:
 
 
 def create_app(max_queue_sequences: int = 4096,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20) -> FastAPI:
-    """Build the API around a fresh TrajectoryQueue (tests and main() both use this)."""
-    queue = TrajectoryQueue(max_queue_sequences)
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20, queue_db: str = MEMORY,
+               lease_timeout: float = DEFAULT_LEASE_TIMEOUT_S) -> FastAPI:
+    """Build the API around a TrajectoryQueue (tests and main() both use this): a fresh one,
+    or the one stored in the SQLite file `queue_db`."""
+    queue = TrajectoryQueue(max_queue_sequences, queue_db, lease_timeout)
     app = FastAPI(title="example-trainer trajectory API (Atropos run-api protocol)")
     app.state.queue = queue
     app.add_middleware(RequestBodyLimit, max_bytes=max_request_bytes)
@@ -177,8 +180,9 @@ def create_app(max_queue_sequences: int = 4096,
         return {"message": "trajectory API (Atropos run-api protocol)"}
 
     @app.post("/register")
-    async def register(reg: TrainerRegistration) -> dict[str, str]:
-        return {"uuid": queue.register_trainer(reg)}
+    async def register(reg: TrainerRegistration) -> dict[str, Any]:
+        # {"uuid"} as run-api answers, plus queue_id and leases (Atropos ignores them).
+        return queue.register_trainer(reg)
 
     @app.post("/register-env")
     async def register_env(reg: EnvRegistration) -> dict[str, Any]:
@@ -202,9 +206,21 @@ def create_app(max_queue_sequences: int = 4096,
                 "max_token_len": trainer.max_token_len if trainer else -1}
 
     @app.get("/batch")
-    async def batch() -> JSONResponse:
+    async def batch(ack: str | None = None, commit: str | None = None) -> JSONResponse:
+        """`ack`/`commit` (lease trainers only): leases up to that id are trained /
+        covered by a checkpoint, sent with the next poll so they cost no round trip."""
+        groups, lease_id = queue.take_batch(ack=ack, commit=commit)
+        body: dict[str, Any] = {"batch": groups}
+        if lease_id is not None:
+            body["lease_id"] = lease_id
         # JSONResponse directly: skips jsonable_encoder's slow walk over big token lists.
-        return JSONResponse({"batch": queue.take_batch()})
+        return JSONResponse(body)
+
+    @app.post("/batch/ack")
+    async def batch_ack(body: LeaseAck) -> dict[str, str]:
+        """The same acknowledgement without taking a batch (a trainer's last words)."""
+        queue.acknowledge(body.ack, body.commit)
+        return {"status": "ok"}
 
     @app.post("/scored_data")
     async def scored_data(group: ScoredData) -> dict[str, str]:
@@ -214,7 +230,7 @@ def create_app(max_queue_sequences: int = 4096,
     @app.post("/scored_data_list")
     async def scored_data_list(groups: list[ScoredData]) -> dict[str, Any]:
         queue.post_groups(groups, as_list=True)
-        return {"status": "received", "groups": len(groups)}
+        return {"status": "received", "groups_processed": len(groups), "groups": len(groups)}
 
     @app.get("/status")
     async def status() -> dict[str, Any]:

@@ -32,6 +32,11 @@ class TrainerRegistration(BaseModel):
     save_checkpoint_interval: int = 0
     starting_step: int = Field(default=0, ge=0)
     num_steps: int = 0
+    # This project's extension (Atropos trainers send neither): batches are leased until the
+    # trainer commits them; lease_claim {"keep": id, "commit": id} names the leases of an
+    # earlier registration this trainer still holds / has checkpointed (queue.py).
+    leases: bool = False
+    lease_claim: dict[str, str | None] | None = None
 
 
 class EnvRegistration(BaseModel):
@@ -49,6 +54,13 @@ class WeightVersion(BaseModel):
     """POST /weight_version: the trainer announces which weights vLLM now serves."""
 
     version: StrictInt = Field(ge=0)
+
+
+class LeaseAck(BaseModel):
+    """POST /batch/ack body: leases up to `ack` are trained, up to `commit` checkpointed."""
+
+    ack: str | None = None
+    commit: str | None = None
 
 
 class EnvRef(BaseModel):
@@ -72,6 +84,11 @@ class ScoredData(BaseModel):
     overrides: list[dict[str, Any]] | None = None
     group_overrides: dict[str, Any] | None = None
     env_id: StrictInt | None = None
+    # atroposlib 0.4.0 fields this trainer does not use; kept, and null when absent, so every
+    # /batch item carries them as run-api's do.
+    images: Any = None
+    distill_token_ids: list[Any] | None = None
+    distill_logprobs: list[Any] | None = None
 
 
 class GroupError(ValueError):
@@ -166,6 +183,8 @@ def check_group(group: ScoredData, *, batch_size: int | None, max_token_len: int
                          f"(registered: {sorted(env_ids)}); call /register-env first")
     free_form = {"messages": group.messages, "generation_params": group.generation_params,
                  "overrides": group.overrides, "group_overrides": group.group_overrides,
+                 "images": group.images, "distill_token_ids": group.distill_token_ids,
+                 "distill_logprobs": group.distill_logprobs,
                  **(group.model_extra or {})}
     for name, value in free_form.items():
         path = _non_finite_path(value, name)
