@@ -17,7 +17,7 @@ from typing import Any, Sequence
 # What each mode keeps in memory (README, modes table); on CPU vLLM also keeps packed GEMM
 # copies of its linear weights (docs/vllm-cpu.md, "Packed linears"), whatever the mode.
 WEIGHT_COPIES = {"legacy": "2 full", "shared_vllm": "1", "lora_hotswap": "base 2 + adapter",
-                 "lora_nccl": "base 2 + adapter"}
+                 "lora_nccl": "base 2 + adapter", "full_nccl": "2 full (+1 bucket in a sync)"}
 # Modes that move no bytes between processes, by construction (the metric is then absent).
 BYTES_BY_CONSTRUCTION = {"shared_vllm": 0}
 # Modes whose sync runs inside the train timer (shared_vllm: inside optimizer.step()).
