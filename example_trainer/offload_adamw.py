@@ -4,22 +4,18 @@ The accelerator holds only weights and gradients. On CUDA one step has a floor s
 hardware: copy the gradients to the host, run AdamW over fp32 masters on the CPU, copy the
 new weights back. This optimizer gets close to that floor by overlapping the pieces:
 
-* **Gradient copies during backward.** Inside :meth:`CPUOffloadAdamW.last_backward` a
-  post-accumulate-grad hook copies each CUDA gradient into a pinned host slot on a side
-  stream as soon as autograd has finished it, so by the time ``backward()`` returns most of
-  the device-to-host traffic is done. Only the last micro-batch's backward is wrapped (its
-  gradients are final); the others accumulate on the device as usual.
+* **Gradient copies during backward.** Inside :meth:`CPUOffloadAdamW.last_backward` (the
+  last micro-batch, whose gradients are final) a post-accumulate-grad hook copies each CUDA
+  gradient to pinned host memory on a side stream as soon as autograd has finished it.
 * **Clipping without waiting.** :meth:`CPUOffloadAdamW.clip_grad_norm_` computes the global
-  norm on the device exactly as ``torch.nn.utils.clip_grad_norm_`` does, but leaves the
-  device gradients alone: the coefficient is applied to the fp32 host copies inside
-  :meth:`step`, so copies already in flight stay valid.
-* **Chunked CPU update.** :meth:`step` walks the parameters in the order their copies were
-  issued, in chunks of ``chunk_bytes`` of fp32: widen the chunk's gradients into a scratch
-  buffer, scale them, run torch's fused CPU AdamW (``torch._fused_adamw_``, all cores) on
-  the contiguous fp32 masters, and narrow the result into the same pinned slot. The chunk
-  stays in cache between those passes, and each finished parameter's host-to-device copy is
-  issued at once, non-blocking, while the CPU moves on. The compute stream waits for the
-  uploads at the end of :meth:`step`.
+  norm on the device exactly as ``torch.nn.utils.clip_grad_norm_`` does but applies the
+  coefficient to the fp32 host copies inside :meth:`step`, so copies in flight stay valid.
+* **Chunked CPU update.** :meth:`step` runs torch's fused CPU AdamW (all cores) over the
+  fp32 masters in cache-sized chunks, in copy order, and uploads each finished parameter
+  at once, non-blocking, while the CPU moves on.
+
+The transfers (pinned slots, side streams, copy bookkeeping, chunking) live in
+:mod:`example_trainer.offload_transfer`; this module holds the state and the AdamW math.
 
 A caller that never enters :meth:`last_backward` still gets correct results: :meth:`step`
 copies whatever gradients it has no valid copy of, and a gradient changed in place after its
@@ -36,23 +32,18 @@ this optimizer owns.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+# Names that lived here before the split stay importable from here.
+from .offload_transfer import (_PIECE_ALIGN, MiB, HostStaging, Piece, _align,  # noqa: F401
+                               _Copy, _Entry, _GradHook, chunks)
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
-MiB = 1 << 20
-# Pieces of a parameter start at multiples of this many elements (see _chunks): 256 bytes
-# of fp32, a multiple of any CPU vector width.
-_PIECE_ALIGN = 64
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -89,46 +80,24 @@ def _adamw_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
     torch._foreach_addcdiv_(params, exp_avgs, denom, -step_size)
 
 
-def _align(n: int, to: int = 64) -> int:
-    return (n + to - 1) // to * to
-
-
-@dataclass
-class _Copy:
-    """A device-to-host gradient copy in flight: valid while ``grad`` is unchanged."""
-
-    done: Any  # torch.cuda.Event recorded on the side stream after the copy
-    grad: torch.Tensor
-    version: int
-    in_backward: bool
-
-    def valid_for(self, p: torch.Tensor) -> bool:
-        return p.grad is self.grad and p.grad._version == self.version
-
-
-@dataclass
-class _Entry:
-    """One parameter's part in a master update: where its grad comes from, where it goes."""
-
-    p: torch.Tensor
-    group: dict[str, Any]
-    state: dict[str, Any]
-    grad: torch.Tensor  # flat view: the pinned slot (CUDA) or p.grad (CPU)
-    out: torch.Tensor | None  # flat view the new weights are narrowed into, if any
-    ready: Any = None  # event to wait for before reading ``grad``
-
-
-class _GradHook:
-    """Post-accumulate-grad hook; holds the optimizer weakly so dropping it frees memory."""
-
-    def __init__(self, optimizer: CPUOffloadAdamW) -> None:
-        self.ref = weakref.ref(optimizer)
-
-    def __call__(self, p: torch.Tensor) -> None:
-        opt = self.ref()
-        if opt is not None:
-            opt._on_grad(p)
-
+def _fused_adamw_pieces(chunk: list[Piece], grads: list[torch.Tensor]) -> None:
+    """Torch's fused CPU AdamW over the chunk's pieces of fp32 masters, one call per group;
+    ``grads[i]`` is piece ``i``'s fp32 gradient, already scaled by the clip coefficient."""
+    by_group: dict[int, list[int]] = {}
+    for i, (e, _, _) in enumerate(chunk):
+        by_group.setdefault(id(e.group), []).append(i)
+    for idx in by_group.values():
+        group = chunk[idx[0]][0].group
+        beta1, beta2 = group["betas"]
+        pieces = [(chunk[i][0].state, chunk[i][1], chunk[i][2]) for i in idx]
+        torch._fused_adamw_(
+            [s["master"].view(-1)[a:b] for s, a, b in pieces], [grads[i] for i in idx],
+            [s["exp_avg"].view(-1)[a:b] for s, a, b in pieces],
+            [s["exp_avg_sq"].view(-1)[a:b] for s, a, b in pieces], [],
+            [s["step"] for s, _, _ in pieces], amsgrad=False, lr=float(group["lr"]),
+            beta1=float(beta1), beta2=float(beta2),
+            weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+            maximize=False, grad_scale=None, found_inf=None)
 
 class CPUOffloadAdamW(torch.optim.Optimizer):
     """AdamW whose state lives in CPU memory, so the accelerator holds only weights and grads.
@@ -158,15 +127,9 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         # Set before the base class adds the param groups: add_param_group installs hooks.
-        self._hook_handles: list[Any] = []
-        self._hooked: set[int] = set()
+        self._transfers = HostStaging()  # hooks, pinned slots, side streams, copies
         self._armed = False
-        self._pending: dict[torch.Tensor, _Copy] = {}  # insertion order = copy order
         self._clip_coef: torch.Tensor | None = None
-        self._staging: dict[torch.device, torch.Tensor] = {}
-        self._slots: dict[torch.Tensor, tuple[int, int]] = {}  # p -> (offset, nbytes)
-        self._side_streams: dict[torch.device, Any] = {}
-        self._scratch: torch.Tensor | None = None
         self.chunk_elems = max(1, chunk_bytes // 4 // _PIECE_ALIGN) * _PIECE_ALIGN
         self.cpu_threads = cpu_threads
         #: Counters of the last step: copies issued in backward / at step time, seconds
@@ -179,17 +142,20 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.requires_grad and id(p) not in self._hooked:
-                self._hooked.add(id(p))
-                self._hook_handles.append(p.register_post_accumulate_grad_hook(_GradHook(self)))
+        self._transfers.track(self.param_groups[-1]["params"], self)
+
+    @property
+    def _pending(self) -> dict[torch.Tensor, _Copy]:
+        """Gradient copies in flight, in the order they were issued."""
+        return self._transfers.pending
+
+    @property
+    def _hook_handles(self) -> list[Any]:
+        return self._transfers.hook_handles
 
     def remove_hooks(self) -> None:
         """Detach the gradient hooks (for callers that replace this optimizer)."""
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
-        self._hooked.clear()
+        self._transfers.remove_hooks()
 
     @contextlib.contextmanager
     def last_backward(self) -> Iterator[None]:
@@ -203,7 +169,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
     def _on_grad(self, p: torch.Tensor) -> None:
         if self._armed and p.device.type == "cuda" and p.grad is not None \
                 and not p.grad.is_sparse:
-            self._copy_grad(p, in_backward=True)
+            self._transfers.copy_grad(p, in_backward=True)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -298,65 +264,8 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         holds besides its state.
         """
         out = _state_bytes(self)
-        out["cpu"] += sum(b.numel() for b in self._staging.values())
-        if self._scratch is not None:
-            out["cpu"] += self._scratch.numel() * 4
+        out["cpu"] += self._transfers.nbytes()
         return out
-
-    # -- device-to-host copies ----------------------------------------------------------
-
-    def _side_stream(self, device: torch.device) -> Any:
-        side = self._side_streams.get(device)
-        if side is None:
-            side = self._side_streams[device] = torch.cuda.Stream(device)
-        return side
-
-    def _slot(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``p``'s pinned host slot as a flat ``dtype`` tensor: the grad, later the weight.
-
-        One pinned buffer per device holds a slot for every CUDA parameter of the optimizer
-        (gradients have their parameter's dtype), allocated on first use.
-        """
-        if p not in self._slots:
-            self._allocate_slots(p.device)
-        offset, _ = self._slots[p]
-        n = p.numel() * dtype.itemsize
-        return self._staging[p.device][offset:offset + n].view(dtype)
-
-    def _allocate_slots(self, device: torch.device) -> None:
-        params = [p for g in self.param_groups for p in g["params"]
-                  if p.device == device and p not in self._slots]
-        old = self._staging.get(device)
-        total = 0 if old is None else old.numel()
-        if old is not None:
-            # A group added after the first step: keep existing slots (and any copies in
-            # them), grow the buffer.
-            torch.cuda.synchronize(device)
-        layout = {}
-        for p in params:
-            nbytes = _align(p.numel() * p.element_size())
-            layout[p] = (total, nbytes)
-            total += nbytes
-        buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-        if old is not None:
-            buf[:old.numel()].copy_(old)
-        self._staging[device] = buf
-        self._slots.update(layout)
-        log.debug("adamw_cpu: %.1f MiB of pinned staging on %s", total / MiB, device)
-
-    def _copy_grad(self, p: torch.Tensor, *, in_backward: bool) -> None:
-        """Start copying ``p.grad`` into its pinned slot on the side stream."""
-        grad = p.grad
-        side = self._side_stream(p.device)
-        slot = self._slot(p, grad.dtype).view(grad.shape)
-        side.wait_stream(torch.cuda.current_stream(p.device))  # the grad is final there
-        with torch.cuda.stream(side):
-            slot.copy_(grad, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(side)
-        grad.record_stream(side)  # its memory may be freed before the copy has run
-        self._pending.pop(p, None)
-        self._pending[p] = _Copy(done, grad, grad._version, in_backward)
 
     # -- step -------------------------------------------------------------------------
 
@@ -440,43 +349,13 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
 
     def _step_cuda(self, device: torch.device, items: list[tuple[torch.Tensor, dict[str, Any]]],
                    coef_cpu: torch.Tensor | None) -> None:
-        """Update one device's parameters from their host copies and upload the results.
-
-        Ordering: every copy runs on one side stream, so an upload from a slot precedes the
-        next step's download into it; the CPU touches a slot only after its download's
-        event; the side stream waits for the compute stream before the first upload (work
-        queued there may still read the weights) and the compute stream waits for the
-        uploads at the end.
-        """
-        side = self._side_stream(device)
-        compute = torch.cuda.current_stream(device)
-        side.wait_stream(compute)
-        group_of = {p: group for p, group in items}
-        ordered = [p for p, c in self._pending.items() if p in group_of and c.valid_for(p)]
-        self.stats["copies_in_backward"] += sum(self._pending[p].in_backward for p in ordered)
-        fresh = set(ordered)
-        for p, _ in items:
-            if p not in fresh:  # no copy yet, or the grad changed after it: copy now
-                self._copy_grad(p, in_backward=False)
-                ordered.append(p)
-                self.stats["copies_at_step"] += 1
-        entries = []
-        for p in ordered:
-            slot = self._slot(p, p.dtype)
-            entries.append(_Entry(p, group_of[p], self.state[p], slot, slot,
-                                  ready=self._pending[p].done))
-
-        def upload(e: _Entry) -> None:
-            with torch.cuda.stream(side):
-                e.p.detach().copy_(e.out.view(e.p.shape), non_blocking=True)
-
-        self._update_masters(entries, coef_cpu, on_done=upload)
-        compute.wait_stream(side)
-
-    def _scratch_for(self, n: int) -> torch.Tensor:
-        if self._scratch is None or self._scratch.numel() < n:
-            self._scratch = torch.empty(n, dtype=torch.float32)
-        return self._scratch
+        """Update one device's parameters from their host copies and upload the results;
+        the compute stream waits for the uploads (stream ordering: :class:`HostStaging`)."""
+        entries, in_backward, at_step = self._transfers.entries(device, items, self.state)
+        self.stats["copies_in_backward"] += in_backward
+        self.stats["copies_at_step"] += at_step
+        self._update_masters(entries, coef_cpu, on_done=self._transfers.upload)
+        torch.cuda.current_stream(device).wait_stream(self._transfers.side_stream(device))
 
     def _update_masters(self, entries: list[_Entry], coef_cpu: torch.Tensor | None,
                         on_done: Callable[[_Entry], None] | None = None) -> None:
@@ -489,78 +368,10 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         """
         for e in entries:
             e.state["step"] += 1
-        widened = sum(e.p.numel() for e in entries if e.grad.dtype != torch.float32)
-        scratch = self._scratch_for(min(self.chunk_elems, widened))
-        for chunk in self._chunks(entries):
-            t_wait = time.perf_counter()
-            for e, a, _ in chunk:
-                if a == 0 and e.ready is not None:
-                    e.ready.synchronize()
-            t_update = time.perf_counter()
-            self.stats["wait_s"] = self.stats.get("wait_s", 0.0) + t_update - t_wait
-            grads, offset = [], 0
-            for e, a, b in chunk:
-                src = e.grad[a:b]
-                if src.dtype == torch.float32:
-                    grads.append(src)
-                else:
-                    g = scratch[offset:offset + b - a]
-                    g.copy_(src)
-                    grads.append(g)
-                    offset += b - a
+
+        def update(chunk: list[Piece], grads: list[torch.Tensor]) -> None:
             if coef_cpu is not None:
                 torch._foreach_mul_(grads, coef_cpu)
-            by_group: dict[int, list[int]] = {}
-            for i, (e, _, _) in enumerate(chunk):
-                by_group.setdefault(id(e.group), []).append(i)
-            for idx in by_group.values():
-                group = chunk[idx[0]][0].group
-                beta1, beta2 = group["betas"]
-                pieces = [(chunk[i][0].state, chunk[i][1], chunk[i][2]) for i in idx]
-                torch._fused_adamw_(
-                    [s["master"].view(-1)[a:b] for s, a, b in pieces], [grads[i] for i in idx],
-                    [s["exp_avg"].view(-1)[a:b] for s, a, b in pieces],
-                    [s["exp_avg_sq"].view(-1)[a:b] for s, a, b in pieces], [],
-                    [s["step"] for s, _, _ in pieces], amsgrad=False, lr=float(group["lr"]),
-                    beta1=float(beta1), beta2=float(beta2),
-                    weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-                    maximize=False, grad_scale=None, found_inf=None)
-            for e, a, b in chunk:
-                master = e.state["master"]
-                if e.out is not None:
-                    e.out[a:b].copy_(master.view(-1)[a:b])
-                if b == e.p.numel():
-                    if on_done is not None:
-                        on_done(e)
-                    elif e.out is None:
-                        e.p.detach().copy_(master)
-            self.stats["update_s"] = self.stats.get("update_s", 0.0) + \
-                time.perf_counter() - t_update
+            _fused_adamw_pieces(chunk, grads)
 
-    def _chunks(self, entries: list[_Entry]) -> Iterator[list[tuple[_Entry, int, int]]]:
-        """Split the entries' elements into runs of at most ``chunk_elems`` elements.
-
-        A piece of a parameter starts at a multiple of ``_PIECE_ALIGN`` elements: the fused
-        kernel runs its vector loop from the start of each tensor and a scalar loop over
-        the tail, whose results can differ in the last bit, so aligned pieces keep every
-        element on the path it takes when the whole tensor is updated at once.
-        """
-        chunk: list[tuple[_Entry, int, int]] = []
-        fill = 0
-        for e in entries:
-            n, start = e.p.numel(), 0
-            while start < n:
-                room = self.chunk_elems - fill
-                take = n - start if n - start <= room else room // _PIECE_ALIGN * _PIECE_ALIGN
-                if take == 0:
-                    yield chunk
-                    chunk, fill = [], 0
-                    continue
-                chunk.append((e, start, start + take))
-                fill += take
-                start += take
-                if fill >= self.chunk_elems:
-                    yield chunk
-                    chunk, fill = [], 0
-        if chunk:
-            yield chunk
+        self._transfers.update_in_chunks(entries, self.chunk_elems, update, on_done, self.stats)
