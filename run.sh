@@ -111,7 +111,7 @@ run_system() {
 
   log "starting the trajectory API on port $api_port"
   start_group "$RUN_DIR/api.log" python -m environments.api_server --host 127.0.0.1 \
-    --port "$api_port"
+    --port "$api_port" --queue-db "$RUN_DIR/queue.db"
   wait_for_url "http://127.0.0.1:$api_port/status" 30
 
   # Split the cores on purpose: vLLM's worker on core 0, the trainer on the rest
