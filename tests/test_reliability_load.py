@@ -3,11 +3,15 @@
 Every group carries its id in its first token, so the test can check that each of its
 sequences was served exactly once. Clients that get 429 (back-pressure) retry, as
 environments do; no request may get a 5xx or fail to connect, the queue never exceeds its
-bound, and the server's resident memory stays bounded.
+bound, and the server's resident memory stays bounded. It runs against the in-memory queue
+with an Atropos-style consumer (delivery is acknowledgement) and against the durable SQLite
+queue (--queue-db) with a lease consumer that commits every batch, as a checkpointing trainer
+does; then the database must end empty.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -41,11 +45,14 @@ def rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_2000_groups_from_4_clients_each_served_exactly_once(tmp_path):
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "queue-db+leases"])
+def test_2000_groups_from_4_clients_each_served_exactly_once(tmp_path, durable):
     from example_trainer.api import BatchFetcher, TrajectoryClient
 
     port = free_port()
+    db = tmp_path / "queue.db"
     server = start_api_server(port, "--max-queue-sequences", str(MAX_QUEUE),
+                              *(["--queue-db", str(db)] if durable else []),
                               log_path=tmp_path / "api.log")
     url = f"http://127.0.0.1:{port}"
     statuses: Counter = Counter()
@@ -96,7 +103,7 @@ def test_2000_groups_from_4_clients_each_served_exactly_once(tmp_path):
     try:
         fetcher = BatchFetcher(TrajectoryClient(url), batch_size=BATCH, max_token_len=256,
                                num_steps=CLIENTS * GROUPS_PER_CLIENT * GROUP_SIZE // BATCH,
-                               pad_id=0, batch_timeout=60)
+                               pad_id=0, batch_timeout=60, leases=durable)
         baseline = rss_bytes(server.pid)
         threads = [threading.Thread(target=produce, args=(c,)) for c in range(CLIENTS)]
         threads.append(threading.Thread(target=monitor))
@@ -112,6 +119,8 @@ def test_2000_groups_from_4_clients_each_served_exactly_once(tmp_path):
             batch = fetcher.next_batch()
             assert batch.size == BATCH
             served.update(map(tuple, batch.input_ids[:, :2].tolist()))
+            fetcher.checkpoint_saved(fetcher.last_lease)  # commit it with the next poll
+        fetcher.flush_acknowledgements()
         for thread in threads[:-1]:
             thread.join(timeout=60)
         done.set()
@@ -135,3 +144,8 @@ def test_2000_groups_from_4_clients_each_served_exactly_once(tmp_path):
     assert peak["queue"] <= MAX_QUEUE
     growth = peak["rss"] - baseline
     assert growth < 24 << 20, f"server RSS grew by {growth / 2**20:.0f} MiB"
+    if durable:
+        assert fetcher.queue_id is not None and fetcher.committed == fetcher.last_lease
+        with sqlite3.connect(db) as conn:  # every lease committed, nothing left behind
+            assert conn.execute("SELECT count(*) FROM groups").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM leases").fetchone() == (0,)
