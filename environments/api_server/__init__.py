@@ -14,22 +14,27 @@ and trainers work against it unchanged, but it fixes the reference server's meas
 - the end of training is an explicit signal (POST /training_finished), not a sample count;
 - the trainer publishes the weight version vLLM serves (POST /weight_version, shown in
   /status), which environments copy into each group they post as `weight_version`;
+- the queue can live in a SQLite file (`--queue-db`): a restarted server keeps every queued
+  group, registration, the step, weight version and finished state, and posts are atomic;
+- a trainer that opts in (`"leases": true` at /register) gets leased batches it acknowledges
+  and commits with its next poll, so a crashed and resumed trainer trains every group once;
+  Atropos trainers keep delivery-is-acknowledgement;
 - request bodies are capped (`--max-request-mb`, 413 before anything is parsed), gzip bodies
   (`Content-Encoding: gzip`) are accepted and capped after decompression, other encodings
   get 415 and a broken gzip stream 400.
 
 Modules: `schema` (request models, `check_group`), `queue` (`TrajectoryQueue`: registrations,
 packing, back-pressure, run state; no HTTP), `app` (`create_app`: FastAPI routes, body limit),
-`__main__` (the command line).
+`__main__` (the command line), `bench` (in-memory vs durable queue throughput and memory).
 
 Run: python -m environments.api_server --host 127.0.0.1 --port 8000
 """
 
 from .app import DEFAULT_MAX_REQUEST_MB, RequestBodyLimit, create_app
-from .queue import (QueueFull, TrainingFinished, TrajectoryQueue, UnknownEnv, exact_subset,
-                    split_group)
+from .queue import (QueueFull, QueueInUse, TrainingFinished, TrajectoryQueue, UnknownEnv,
+                    exact_subset, split_group)
 from .schema import GroupError, ScoredData, check_group
 
-__all__ = ["DEFAULT_MAX_REQUEST_MB", "GroupError", "QueueFull", "RequestBodyLimit",
+__all__ = ["DEFAULT_MAX_REQUEST_MB", "GroupError", "QueueFull", "QueueInUse", "RequestBodyLimit",
            "ScoredData", "TrainingFinished", "TrajectoryQueue", "UnknownEnv", "check_group",
            "create_app", "exact_subset", "split_group"]
