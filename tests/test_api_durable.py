@@ -116,7 +116,12 @@ def test_leases_ack_commit_and_claims_return_batches_in_order(tmp_path: Path) ->
         assert tags(again["batch"]) == [2] and again["lease_id"] != third["lease_id"]
         # A re-registration that keeps what it holds (an API restart seen by the trainer).
         lease_register(url, 2, keep=again["lease_id"], commit=second["lease_id"])
-        assert tags(get(url, "/batch", params={"ack": again["lease_id"]})["batch"]) == [3]
+        lost = get(url, "/batch", params={"ack": again["lease_id"]})
+        assert tags(lost["batch"]) == [3]
+        # Suppose that answer never reached the trainer: its next poll acknowledges the
+        # earlier lease again, so the lost one goes back to the head and is served again.
+        resent = get(url, "/batch", params={"ack": again["lease_id"]})
+        assert tags(resent["batch"]) == [3] and resent["lease_id"] != lost["lease_id"]
         # A claim naming another queue's lease means nothing here: everything comes back.
         lease_register(url, 2, commit="someotherqueue-99")
         assert [tags(get(url, "/batch")["batch"]) for _ in range(3)] == [[2], [3], [4]]

@@ -14,7 +14,8 @@ live only in the database; memory holds a small index (id, size, env_id) for pac
 
 Leases (a trainer opts in with `"leases": true` at /register): a batch handed out is kept,
 tied to a lease id `<queue_id>-<n>`, until the trainer commits it (a checkpoint covers it).
-`ack` marks leases up to n trained (they no longer time out), `commit` deletes them; a
+`ack` marks leases up to n trained (they no longer time out) and, on a poll, returns untrained
+leases after n (handed out, but the answer never reached the trainer); `commit` deletes them; a
 registration's `lease_claim` says which leases the (re-)registering trainer still holds
 (`keep`) or has checkpointed (`commit`): every other lease returns to the head of the queue in
 its order. An untrained lease not renewed (each /batch poll renews) within `lease_timeout`
@@ -508,6 +509,16 @@ class TrajectoryQueue:
         if ack or commit:
             self.acknowledge(ack, commit)
         leasing = self.trainer is not None and self.trainer.leases
+        acked = self.parse_lease(ack) if leasing else None
+        if acked is not None:
+            # The trainer acknowledges the last batch it received; an untrained lease after
+            # it never reached the trainer (the answer was lost, e.g. to a restart).
+            lost = [i for i, held in self.leases.items() if i > acked and not held.trained]
+            if lost:
+                with self._transaction():
+                    self._return_to_head(lost, "handed out, but the trainer never received "
+                                               "them (it acknowledged an earlier lease)")
+                self._returned(lost)
         if leasing:
             deadline = time.monotonic() + self.lease_timeout
             for held in self.leases.values():
