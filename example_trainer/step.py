@@ -18,6 +18,13 @@ accelerator, such as a CPU-offload AdamW):
   ``backward()`` runs inside it (so the optimizer can move gradients as they are produced).
 * ``optimizer.clip_grad_norm_(max_norm)`` returns the total norm (float or tensor) and clips
   the gradients it holds; used instead of ``torch.nn.utils.clip_grad_norm_``.
+
+Data parallel (`distributed.py`): a rank trains its part of the batch with a `BatchShare`
+(the whole batch's figures, so weights and metrics are relative to the whole and the ranks'
+gradients and metrics sum to the single-process ones), and a sharded model may provide
+``model.step_logprobs(input_ids, attention_mask, temperatures, chunk_size=...,
+return_entropy=...)``, used instead of `sampled_token_logprobs` (FSDP must run the root
+module's forward).
 """
 
 from __future__ import annotations
@@ -89,6 +96,41 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass(frozen=True)
+class BatchShare:
+    """The whole batch, seen from a data-parallel rank that trains only part of it.
+
+    Micro-batch weights and metric shares are taken relative to these figures (sequences,
+    trained tokens, padded target length T-1), not the part's own. `passes`: forward/backward
+    passes to run at least (every rank of a sharded model must run the same number, since
+    each gathers parameters collectively); missing ones forward `filler` (one sequence) with
+    a zero loss, and count in no metric.
+    """
+
+    sequences: int
+    tokens: int
+    padded_len: int
+    passes: int = 0
+    filler: Batch | None = None
+
+    @classmethod
+    def of(cls, batch: Batch) -> "BatchShare":
+        return cls(batch.size, batch.num_tokens, batch.loss_mask.shape[1])
+
+
+def token_logprobs(model: torch.nn.Module, mb: Batch, chunk_size: int,
+                   return_entropy: bool = False) -> Any:
+    """Sampled-token log-probs of a micro-batch, through ``model.step_logprobs`` when the
+    model provides one (a sharded model; module docstring)."""
+    compute = getattr(model, "step_logprobs", None)
+    if compute is None:
+        return sampled_token_logprobs(model, mb.input_ids, mb.attention_mask,
+                                      mb.temperatures, chunk_size=chunk_size,
+                                      return_entropy=return_entropy)
+    return compute(mb.input_ids, mb.attention_mask, mb.temperatures, chunk_size=chunk_size,
+                   return_entropy=return_entropy)
+
+
 def split_batch(batch: Batch, step_cfg: StepConfig) -> Iterator[Batch]:
     """The micro-batches of one step: by token budget when set, else by sequence count."""
     if step_cfg.micro_batch_tokens > 0:
@@ -100,43 +142,55 @@ def reference_logprobs(model: torch.nn.Module, mb: Batch, chunk_size: int) -> to
     """KL reference: the base model (adapter disabled) for peft models, else the batch's own."""
     if hasattr(model, "disable_adapter"):
         with torch.no_grad(), model.disable_adapter():
-            return sampled_token_logprobs(model, mb.input_ids, mb.attention_mask,
-                                          mb.temperatures, chunk_size=chunk_size)
+            return token_logprobs(model, mb, chunk_size)
     if mb.ref_logprobs is None:
         raise ValueError("--kl-coef > 0 needs a reference policy: use a LoRA mode (the base "
                          "model is the reference) or an environment that posts ref_logprobs")
     return mb.ref_logprobs
 
 
-def _micro_weight(norm: str, mb: Batch, batch: Batch, batch_tokens: int) -> float:
+def _micro_weight(norm: str, mb: Batch, whole: BatchShare) -> float:
     if norm == "sequence":
-        return mb.size / batch.size
+        return mb.size / whole.sequences
     if norm == "token":
-        return mb.num_tokens / batch_tokens if batch_tokens else 0.0
-    return (mb.size * mb.loss_mask.shape[1]) / (batch.size * batch.loss_mask.shape[1])
+        return mb.num_tokens / whole.tokens if whole.tokens else 0.0
+    return (mb.size * mb.loss_mask.shape[1]) / (whole.sequences * whole.padded_len)
 
 
-def accumulate_gradients(model: torch.nn.Module, batch: Batch, step_cfg: StepConfig,
-                         optimizer: Any = None) -> dict[str, float]:
+def accumulate_gradients(model: torch.nn.Module, batch: Batch | None, step_cfg: StepConfig,
+                         optimizer: Any = None, *, share: BatchShare | None = None
+                         ) -> dict[str, float]:
     """Forward/backward over the micro-batches, adding the whole batch's gradient to `.grad`.
 
     `optimizer` is only consulted for its optional `last_backward()` context (module
     docstring). Returns the policy metrics (weighted like the loss, maxima as maxima) and
-    the batch's own figures.
+    the batch's own figures. With `share`, `batch` is a data-parallel rank's part of a
+    larger batch (None: no sequences on this rank) and every weight and additive metric is
+    relative to the whole, so the ranks' gradients and metrics sum to the whole batch's.
     """
     model.train()
     device = model_device(model)
-    batch_tokens = batch.num_tokens
+    whole = share or BatchShare.of(batch)
     sums: dict[str, float] = defaultdict(float)
     maxima: dict[str, float] = {}
-    micro_batches = list(split_batch(batch, step_cfg))
+    micro_batches = list(split_batch(batch, step_cfg)) if batch is not None else []
+    real = len(micro_batches)
+    if share is not None and share.passes > real:
+        micro_batches += [share.filler] * (share.passes - real)
     last_backward = getattr(optimizer, "last_backward", None)
     for index, mb in enumerate(micro_batches):
-        weight = _micro_weight(step_cfg.norm, mb, batch, batch_tokens)  # on CPU: no sync
+        is_last = index == len(micro_batches) - 1
+        context = (last_backward() if is_last and last_backward is not None
+                   else contextlib.nullcontext())
+        if index >= real:  # a pass only to match the other ranks': zero gradient
+            logprobs = token_logprobs(model, mb.to(device), step_cfg.logprob_chunk_size)
+            with context:
+                (logprobs.nan_to_num() * 0.0).sum().backward()
+            continue
+        weight = _micro_weight(step_cfg.norm, mb, whole)  # on CPU: no sync
         mb = mb.to(device)
-        logprobs, entropy = sampled_token_logprobs(  # (b, t) each
-            model, mb.input_ids, mb.attention_mask, mb.temperatures,
-            chunk_size=step_cfg.logprob_chunk_size, return_entropy=True)
+        logprobs, entropy = token_logprobs(  # (b, t) each
+            model, mb, step_cfg.logprob_chunk_size, return_entropy=True)
         # Environments that report no inference log-probs train on-policy (ratio 1).
         old = torch.where(torch.isnan(mb.old_logprobs), logprobs.detach(), mb.old_logprobs)
         ref = (reference_logprobs(model, mb, step_cfg.logprob_chunk_size)
@@ -145,22 +199,28 @@ def accumulate_gradients(model: torch.nn.Module, batch: Batch, step_cfg: StepCon
                                     level=step_cfg.level, eps_low=step_cfg.eps_low,
                                     eps_high=step_cfg.eps_high, norm=step_cfg.norm,
                                     ref_logprobs=ref, kl_coef=step_cfg.kl_coef)
-        is_last = index == len(micro_batches) - 1
-        with (last_backward() if is_last and last_backward is not None
-              else contextlib.nullcontext()):
+        with context:
             (loss * weight).backward()
         metrics["policy/entropy"] = float((entropy * mb.loss_mask).sum() /
                                           mb.loss_mask.sum().clamp(min=1))
-        share = mb.size / batch.size
+        seq_share = mb.size / whole.sequences
         for key, value in metrics.items():
             if key.endswith("_max"):
                 maxima[key] = max(maxima.get(key, -math.inf), value)
             else:
-                sums[key] += value * (weight if key == "policy/loss" else share)
-    return {**sums, **maxima, "train/tokens": float(batch_tokens),
-            "train/reward_mean": float(batch.scores.mean()),
-            "train/sequences": float(batch.size),
-            "train/micro_batches": float(len(micro_batches))}
+                sums[key] += value * (weight if key == "policy/loss" else seq_share)
+    if share is None:
+        return {**sums, **maxima, "train/tokens": float(whole.tokens),
+                "train/reward_mean": float(batch.scores.mean()),
+                "train/sequences": float(batch.size),
+                "train/micro_batches": float(len(micro_batches))}
+    # This rank's contributions: summed over the ranks they give the whole batch's figures.
+    return {**sums, **maxima,
+            "train/tokens": float(batch.num_tokens) if batch is not None else 0.0,
+            "train/reward_mean": (float(batch.scores.sum()) / share.sequences
+                                  if batch is not None else 0.0),
+            "train/sequences": float(batch.size) if batch is not None else 0.0,
+            "train/micro_batches": float(real)}
 
 
 def apply_update(model: torch.nn.Module, optimizer: Any, step_cfg: StepConfig,
@@ -174,7 +234,9 @@ def apply_update(model: torch.nn.Module, optimizer: Any, step_cfg: StepConfig,
         grad_norm = float(clip(max_norm))
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # Sharded (DTensor) gradients give a DTensor norm: the global one, once gathered.
+        grad_norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
     skipped = not math.isfinite(grad_norm)
     if skipped:
         log.warning("non-finite gradient norm (%s): skipping this optimizer step", grad_norm)
