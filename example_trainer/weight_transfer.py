@@ -24,12 +24,13 @@ more than the trainer holds between syncs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar, Iterable, Self
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Self
 
 import torch
 
@@ -309,6 +310,27 @@ class FullWeightSender:
             except Exception as exc:  # noqa: BLE001 - tear-down must not mask the cause
                 log.warning("weight-transfer tear-down: %s", exc)
         engine.shutdown()
+
+
+@contextlib.contextmanager
+def generation_paused(client: VLLMClient, how: str) -> Iterator[None]:
+    """Around a full update. vLLM's layerwise reload leaves the model's layers empty between
+    `/start_weight_update` and `/finish_weight_update` (separate calls, each between engine
+    steps), so no engine step may run in between, whatever `--sync-pause` says: 'wait'
+    drains running requests first; 'none' only freezes them (`/pause?mode=keep`, tens of
+    ms) for the update, and the prefix-cache reset then preempts them, so vLLM recomputes
+    them under the new weights (as lora_nccl's 'none' does)."""
+    if how == "wait":
+        with client.paused("wait"):
+            yield
+        return
+    if how != "none":
+        raise ValueError(f"unknown sync pause {how!r} (expected 'wait' or 'none')")
+    client.pause("keep")
+    try:
+        yield
+    finally:
+        client.resume()
 
 
 def weight_transfer_options(cfg: Any) -> dict[str, Any]:

@@ -26,9 +26,11 @@ def test_full_nccl_serves_each_new_policy(tiny_model_dir, api_url, tmp_path):
     env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
     try:
         # A bucket far smaller than the embedding: packed buckets and a tensor sent alone.
+        # `--sync-pause none` (requests frozen, then preempted and recomputed) here; the
+        # default `wait` runs in the tests below, which sync twice before the fault.
         out = run_trainer("--mode", copied_mode("full_nccl", tmp_path),  # a user's copy
                           *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path),
-                          "--sync-bucket-mib", "0.05")
+                          "--sync-bucket-mib", "0.05", "--sync-pause", "none")
         assert out.returncode == 0, out.stdout[-5000:]
         report = check_report(tmp_path, steps=3)  # parity after each of the 3 syncs
         assert all(r["custom/my_metric"] == 42.0 for r in report["steps"])

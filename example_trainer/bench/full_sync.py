@@ -202,8 +202,9 @@ def report(r: dict[str, Any]) -> str:
                  r["full_nccl_parts_median"].items() if k.endswith("_s")) + ")",
              f"  parity after the last sync: max |logprob diff| {r['parity_max_abs']:.2e}"]
     if r["legacy_sync_s"]:
-        lines.append(f"  legacy sync (save + vLLM restart) {statistics.median(r['legacy_sync_s']):.1f} s "
-                     f"= {r['x_faster_than_legacy']:.0f}x slower than full_nccl")
+        legacy = statistics.median(r["legacy_sync_s"])
+        lines.append(f"  legacy sync (save + vLLM restart) {legacy:.1f} s = "
+                     f"{r['x_faster_than_legacy']:.0f}x full_nccl's")
     lines.append(f"  trainer RSS: {r['trainer_rss_between_gib']:.3f} GiB between syncs, "
                  f"{r['trainer_rss_during_gib']:.3f} GiB peak during; largest rise in one sync "
                  f"{r['trainer_rss_extra_mib']:.1f} MiB (bucket {r['bucket_mib']:.0f} MiB)")

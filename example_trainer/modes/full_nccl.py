@@ -7,7 +7,9 @@ broadcasts them (gloo on CPU through this project's `example_gloo` engine, vLLM'
 engine on GPU) and has vLLM load them in place (`example_trainer/weight_transfer.py`). On CPU
 vLLM re-packs its linear weights after the load: that and the broadcast are the sync's
 cost. The prefix cache is reset (its keys don't change with the weights); `--sync-pause
-wait` (default) drains running requests first, `none` swaps between engine steps. Trainer
+wait` (default) drains running requests first, `none` only freezes them during the update
+(vLLM's model is half loaded between the start and the finish) and preempts them, so they
+are recomputed under the new weights. Trainer
 and vLLM each hold a full copy of the weights; during a sync the trainer holds one bucket
 more.
 
@@ -27,7 +29,8 @@ from example_trainer.serving import VLLM
 from example_trainer.step import grpo_step
 from example_trainer.trainer import TrainingRun
 from example_trainer.weight_sync import drop_stale_prefix_cache
-from example_trainer.weight_transfer import FullWeightSender, weight_transfer_options
+from example_trainer.weight_transfer import (FullWeightSender, generation_paused,
+                                             weight_transfer_options)
 
 TRAINS = "full"  # or "lora": read by --mode before the run starts
 
@@ -41,8 +44,9 @@ def connect_weight_sender(run: TrainingRun, vllm: VLLM) -> FullWeightSender:
                               timeout_s=cfg.sync_timeout, workers=workers)
     sender.join()
     run.children.callback(sender.close)  # LIFO: the group goes before vLLM stops
-    sender.sync()
-    drop_stale_prefix_cache(vllm.client, preempt_running=True)
+    with generation_paused(vllm.client, "none"):  # the environment may be sampling already
+        sender.sync()
+        drop_stale_prefix_cache(vllm.client, preempt_running=True)
     return sender
 
 
@@ -67,7 +71,7 @@ def train(cfg: TrainConfig) -> dict:
                 metrics = grpo_step(run.model, run.optimizer, batch, run.step_config,
                                     run.scheduler)
             if run.sync_due(step):
-                with run.sync(step, metrics), vllm.client.paused(cfg.sync_pause):
+                with run.sync(step, metrics), generation_paused(vllm.client, cfg.sync_pause):
                     metrics |= sender.sync()  # --- sync: broadcast, load in place
                     drop_stale_prefix_cache(vllm.client,
                                             preempt_running=cfg.sync_pause == "none")

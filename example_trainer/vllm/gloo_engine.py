@@ -20,18 +20,20 @@ wire carries nothing but bytes. Runs inside vLLM's worker: imports only torch an
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 from vllm.distributed.weight_transfer.base import (WeightTransferEngine,
                                                    WeightTransferInitInfo,
                                                    WeightTransferUpdateInfo)
 
-from example_trainer.vllm.worker_extension import broadcast, make_group
+from example_trainer.vllm.worker_extension import make_group
 
 log = logging.getLogger(__name__)
 
@@ -180,18 +182,31 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             raise RuntimeError("update_weights before init_weight_transfer_engine")
         dtypes = [getattr(torch, d) for d in update_info.dtype_names]
         sizes = [nbytes_of(s, d) for s, d in zip(update_info.shapes, dtypes)]
+        plans = plan_buckets(sizes, self.bucket_bytes)
         t0 = time.perf_counter()
         receive_s = 0.0
-        for plan in plan_buckets(sizes, self.bucket_bytes):
-            bucket = torch.empty(plan.nbytes, dtype=torch.uint8)
+        # The next bucket's receive is posted before this one is loaded, so the transfer
+        # overlaps the load (two buckets in flight here; the trainer still packs one).
+        pending = self._post(plans[0]) if plans else None
+        for i, plan in enumerate(plans):
+            bucket, work = pending
             t1 = time.perf_counter()
-            broadcast(self.group, bucket, self.timeout_s)
+            work.wait()  # bounded by the broadcast's own timeout
             receive_s += time.perf_counter() - t1
+            pending = self._post(plans[i + 1]) if i + 1 < len(plans) else None
             self.model.load_weights(
                 [(update_info.names[i], t)
                  for i, t in unpack(bucket, plan, update_info.shapes, dtypes)])
         self.stats |= {"receive_s": receive_s,
                        "load_s": time.perf_counter() - t0 - receive_s}
+
+    def _post(self, plan: Bucket) -> tuple[torch.Tensor, Any]:
+        """Start receiving one bucket (from rank 0, with the transfer's timeout)."""
+        bucket = torch.empty(plan.nbytes, dtype=torch.uint8)
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        opts.timeout = datetime.timedelta(seconds=self.timeout_s)
+        return bucket, self.group.broadcast([bucket], opts)
 
     def finish_weight_update(self) -> None:
         """Finish the layerwise reload (re-packs each processed linear on CPU), then
