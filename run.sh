@@ -11,7 +11,8 @@
 #   ./run.sh bench [flags]      compare every mode on the same work: one table, JSON and PNG
 #                              (python -m example_trainer.bench; --help lists the flags)
 #
-# Environment: VENV (default .venv), API_PORT (8000), VLLM_PORT (9001), RUN_DIR (runs/<time>).
+# Environment: VENV (default .venv), API_PORT (8000), VLLM_PORT (9001), RUN_DIR (runs/<time>),
+# SKIP_SETUP=1 (use the active Python as it is: no install check; the tests use it).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -21,6 +22,7 @@ log() { printf '[run.sh] %s\n' "$*" >&2; }
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }
 
 setup() {
+  if [[ -n "${SKIP_SETUP:-}" ]]; then return; fi
   if [[ -z "${VIRTUAL_ENV:-}" ]]; then
     VENV=${VENV:-$ROOT/.venv}
     if [[ ! -x "$VENV/bin/python" ]]; then
@@ -57,24 +59,60 @@ run_tests() {
 }
 
 # --- the whole system --------------------------------------------------------------------
-PIDS=()
-cleanup() {
-  local status=$?
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do
-    kill -TERM -- "-$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
+PIDS=()                  # process groups of the API and the environment
+declare -A NAME LOGFILE  # pid -> what it is, where it logs
+TRAINER=""               # the trainer's process group
+
+stop_trainer() {  # stop_trainer SIGNAL: it writes its final checkpoint, as on Ctrl-C
+  if [[ -z $TRAINER ]]; then return 0; fi  # (a bare return in a trap returns its status)
+  kill -"$1" -- "-$TRAINER" 2>/dev/null || true
+  while kill -0 "$TRAINER" 2>/dev/null; do wait "$TRAINER" 2>/dev/null || true; done
+  TRAINER=""
+}
+
+stop_groups() {  # stop_groups PID...: SIGTERM each process group, SIGKILL it after 10 s
+  local pid
+  for pid in "$@"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  for pid in "$@"; do
     for _ in $(seq 50); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.2; done
     kill -KILL -- "-$pid" 2>/dev/null || true
   done
+}
+
+cleanup() {
+  local status=$? pid
+  trap - EXIT
+  trap 'log "still stopping: the trainer is writing its final checkpoint"' INT TERM
+  # The environment first: vLLM's shutdown waits for the requests it has open.
+  for pid in "${PIDS[@]}"; do [[ ${NAME[$pid]} != environment ]] || stop_groups "$pid"; done
+  stop_trainer TERM  # not INT: background jobs start with SIGINT ignored
+  stop_groups "${PIDS[@]}"
   exit "$status"
 }
 
-start_group() {  # start_group LOGFILE CMD... : run CMD in its own process group
-  local logfile=$1; shift
+start_group() {  # start_group NAME LOGFILE CMD... : run CMD in its own process group
+  local name=$1 logfile=$2; shift 2
   setsid "$@" >"$logfile" 2>&1 &
-  PIDS+=("$!")
+  PIDS+=("$!"); NAME[$!]=$name; LOGFILE[$!]=$logfile
+}
+
+# Wait for the trainer. If the API or the environment exits first, the trainer cannot tell (it
+# would wait out --batch-timeout): name the dead process, show its last log lines and return 1,
+# so cleanup stops the trainer as Ctrl-C does (it writes its final checkpoint). An environment
+# that exits with status 0 has seen training finish: no death.
+supervise() {
+  local watched=("$TRAINER" "${PIDS[@]}") ended status pid
+  while true; do
+    status=0; wait -n -p ended "${watched[@]}" || status=$?
+    if [[ $ended == "$TRAINER" ]]; then TRAINER=""; return "$status"; fi
+    local still=(); for pid in "${watched[@]}"; do [[ $pid == "$ended" ]] || still+=("$pid"); done
+    watched=("${still[@]}")
+    if [[ ${NAME[$ended]} == environment && $status == 0 ]]; then continue; fi
+    log "the ${NAME[$ended]} (pid $ended) exited with status $status; stopping the trainer" \
+        "(it saves a final checkpoint); last lines of ${LOGFILE[$ended]}:"
+    tail -n 5 "${LOGFILE[$ended]}" | sed 's/^/    /' >&2
+    return 1
+  done
 }
 
 wait_for_url() {
@@ -110,22 +148,25 @@ run_system() {
   if [[ -z $model ]]; then model=$(python -m example_trainer.embedded); fi
 
   log "starting the trajectory API on port $api_port"
-  start_group "$RUN_DIR/api.log" python -m environments.api_server --host 127.0.0.1 \
+  start_group API "$RUN_DIR/api.log" python -m environments.api_server --host 127.0.0.1 \
     --port "$api_port" --queue-db "$RUN_DIR/queue.db"
   wait_for_url "http://127.0.0.1:$api_port/status" 30
 
   # Split the cores on purpose: vLLM's worker on core 0, the trainer on the rest
   # (unpinned they fight and a step is 10-20x slower; docs/vllm-cpu.md, "Pinning cores").
   log "starting the arithmetic environment"
-  start_group "$RUN_DIR/environment.log" python -m environments.arithmetic \
+  start_group environment "$RUN_DIR/environment.log" python -m environments.arithmetic \
     --api-url "http://127.0.0.1:$api_port" --vllm-url "http://127.0.0.1:$vllm_port" \
     --tokenizer "$model" --model-name policy "${ENV_ARGS[@]}"
 
+  # Its own process group too: Ctrl-C reaches it once, through cleanup (SIGTERM), like a death.
   log "starting the trainer (it starts vLLM on port $vllm_port); progress follows"
-  python -m example_trainer --model "$model" --api-url "http://127.0.0.1:$api_port" \
+  setsid python -m example_trainer --model "$model" --api-url "http://127.0.0.1:$api_port" \
     --vllm-port "$vllm_port" --save-path "$RUN_DIR" \
     --benchmark --benchmark-json "$RUN_DIR/benchmark.json" "${TRAINER_ARGS[@]}" "$@" \
-    2> >(trap '' INT; exec tee "$RUN_DIR/trainer.log" >&2)  # tee outlives Ctrl-C
+    2> >(trap '' INT; exec tee "$RUN_DIR/trainer.log" >&2) &  # tee outlives Ctrl-C
+  TRAINER=$!
+  supervise
 }
 
 case "${1:-}" in
