@@ -207,8 +207,14 @@ def _root_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
 
     Temperatures travel in the closure, not as a forward input: FSDP casts floating inputs
     to the compute dtype, and a bf16 temperature would change the log-probs."""
-    model.forward = functools.partial(sampled_token_logprobs, model, temperatures=temperatures,
-                                      chunk_size=chunk_size, return_entropy=return_entropy)
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        out = sampled_token_logprobs(model, input_ids, attention_mask, temperatures,
+                                     chunk_size=chunk_size, return_entropy=return_entropy)
+        # Not views (B*(T-1) floats): FSDP warns that an in-place op on a view it returns
+        # would skip its pre-backward hook.
+        return tuple(t.clone() for t in out) if return_entropy else out.clone()
+
+    model.forward = forward
     try:
         return model(input_ids, attention_mask)
     finally:
