@@ -5,7 +5,9 @@ posting the same group again, and an API that restarted and forgot this environm
 /status-env, 422 "not a registered environment" for a post) is registered with again and the
 group re-posted under the new env_id. The end of training is an explicit signal
 (`training_finished` in /status, "finished" from /register-env, 409 for a post), not inferred
-from counting samples.
+from counting samples. Atropos' run-api has no such signal (nor POST /training_finished):
+against it training is over when its `current_step` reaches the trainer's `num_steps`, as
+Atropos' BaseEnv decides (`finished_in`).
 
 ScoredData alignment (what the trainer's batch code expects, built by `build_scored_group`):
 per sample, `tokens` = prompt + completion ids; `masks` = -100 on prompt positions and the
@@ -63,8 +65,9 @@ def queued_sequences(status: dict[str, Any], group_size: int) -> int | None:
     """This environment's sequences waiting in the API, from a /status-env answer.
 
     Prefers an explicit sequence count (`env_queue_size` from this project's API), else
-    Atropos' `self_queue_size`, which counts groups of this environment's size. None when the
-    answer says neither.
+    Atropos' `self_queue_size`, which counts groups of this environment's size. Never
+    `queue_size`: in /status-env it counts groups, other environments' included. None when
+    the answer says neither.
     """
     for key in ("env_queue_size", "num_self_sequences_in_queue"):
         if isinstance(status.get(key), (int, float)):
@@ -88,6 +91,8 @@ class TrajectoryClient:
         self._sessions = ThreadSessions()
         self.env_id: int | None = None
         self.max_token_length = config.max_token_length
+        self.num_steps: int | None = None  # the trainer's, from /register-env
+        self._warned_no_finish_signal = False
 
     def _url(self, path: str) -> str:
         return self.config.api_url.rstrip("/") + path
@@ -130,6 +135,8 @@ class TrajectoryClient:
             status = answer.get("status")
             if status == "success":
                 self.env_id = int(answer["env_id"])
+                steps = answer.get("num_steps")
+                self.num_steps = steps if isinstance(steps, int) and steps > 0 else None
                 log.info("registered as env %d (%s, group size %d)", self.env_id,
                          cfg.desired_name, cfg.group_size)
                 self._fit_trainer_limits()
@@ -184,6 +191,24 @@ class TrajectoryClient:
         except (requests.RequestException, ValueError):
             return None
 
+    def finished_in(self, status: dict[str, Any]) -> bool:
+        """Whether a /status or /status-env answer says training is over.
+
+        This project's API says so (`training_finished`). Atropos' run-api cannot: there it
+        is over once the trainer has taken its last batch (`current_step >= num_steps`), and
+        a trainer that stops early goes unseen until vLLM has been gone for
+        `vllm_retry_timeout`. Warned about once.
+        """
+        if "training_finished" in status:
+            return bool(status["training_finished"])
+        if not self._warned_no_finish_signal:
+            self._warned_no_finish_signal = True
+            log.warning("trajectory API %s sends no training_finished (Atropos run-api?): "
+                        "stopping when its current_step reaches the trainer's num_steps "
+                        "(%s)", self.config.api_url, self.num_steps)
+        step = status.get("current_step")
+        return isinstance(step, int) and self.num_steps is not None and step >= self.num_steps
+
     def training_finished(self) -> bool:
         """Cheap check of /status; an unreachable API is not taken as finished."""
         if self._stop.is_set():
@@ -191,7 +216,7 @@ class TrajectoryClient:
         if self.env_id is None:
             return False
         status = self._status()
-        return bool(status and status.get("training_finished"))
+        return status is not None and self.finished_in(status)
 
     def weight_version(self) -> int | None:
         """The weight version the trainer last published (None if it publishes none).
@@ -207,14 +232,15 @@ class TrajectoryClient:
         limit = self.config.max_queued_groups * self.config.group_size
         waited = False
         while True:
-            response = self.request("GET", "/status-env", params={"env_id": self.env_id})
+            # A JSON body on a GET, as Atropos' clients send it (run-api reads only that).
+            response = self.request("GET", "/status-env", json={"env_id": self.env_id})
             if response.status_code == 404:  # the API restarted and forgot us
                 if not self._register_again(self.env_id):
                     return False
                 continue
             response.raise_for_status()
             status = response.json()
-            if status.get("training_finished") or self._stop.is_set():
+            if self.finished_in(status) or self._stop.is_set():
                 return False
             queued = queued_sequences(status, self.config.group_size)
             if queued is None or queued < limit:

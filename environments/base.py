@@ -35,12 +35,13 @@ from typing import Any, Sequence
 
 from .api_client import ApiUnavailable, TrajectoryClient, build_scored_group, queued_sequences
 from .config import EnvConfig, EnvStats, add_common_args, config_from_args, setup_logging
-from .sampling import (Completion, MalformedResponse, VLLMRequestError, VLLMSampler,
-                       VLLMUnavailable, parse_choice)
+from .sampling import (Completion, MalformedResponse, ModelNameCheck, ModelNotServed,
+                       VLLMRequestError, VLLMSampler, VLLMUnavailable, parse_choice)
 from .transport import Stopped
 
 __all__ = ["ApiUnavailable", "Completion", "EnvConfig", "EnvStats", "Environment", "Item",
-           "MalformedResponse", "VLLMRequestError", "VLLMUnavailable", "add_common_args",
+           "MalformedResponse", "ModelNameCheck", "ModelNotServed", "VLLMRequestError",
+           "VLLMUnavailable", "add_common_args",
            "build_scored_group", "config_from_args", "parse_choice", "queued_sequences",
            "scores_all_equal", "setup_logging"]
 

@@ -71,6 +71,10 @@ class EnvConfig:
     include_messages: bool = opt(True, "Send the chat messages with each group (for "
                                  "inspection; the trainer uses tokens).")
     api_timeout: float = opt(600.0, "Seconds to keep retrying an unreachable API.")
+    model_name_grace: float = opt(60.0, "Seconds vLLM may answer /v1/models without "
+                                  "--model-name before the environment gives up (a LoRA "
+                                  "adapter is registered a little after vLLM starts; time "
+                                  "while vLLM is unreachable does not count).")
     vllm_retry_timeout: float = opt(900.0, "Seconds to keep retrying a failing or aborted "
                                     "vLLM request before giving up.")
     request_timeout: float = opt(600.0, "Seconds one HTTP request may take (a CPU generation "

@@ -6,6 +6,10 @@ sampled: no re-tokenisation of text. A request that fails (503, connection refus
 server restarts, a LoRA adapter not loaded yet) or comes back with an aborted choice (a weight
 update paused vLLM with `mode=abort`) is sent again for the whole group, counted in
 `stats.retried`, until `vllm_retry_timeout`.
+
+A 404 can also mean a model name vLLM will never serve (a typo in --model-name): then
+`ModelNameCheck` ends the retries once /v1/models has answered without that name for
+`model_name_grace` seconds, naming what vLLM does serve.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class VLLMUnavailable(RuntimeError):
 
 class VLLMRequestError(RuntimeError):
     """vLLM rejected a request as invalid (4xx): retrying would not help."""
+
+
+class ModelNotServed(VLLMRequestError):
+    """vLLM answers /v1/models, and has kept lacking the requested name."""
 
 
 class MalformedResponse(ValueError):
@@ -88,6 +96,35 @@ def sorted_choices(response: dict[str, Any], expected: int) -> list[dict[str, An
     return choices
 
 
+class ModelNameCheck:
+    """Decides, from what /v1/models answered, when a 404 means a name vLLM does not serve.
+
+    In the LoRA modes the trainer registers its adapter a little after vLLM is healthy, and
+    in `legacy` vLLM restarts often, so a missing name is fatal only after /v1/models has
+    answered `grace` seconds in a row without it. An unreachable vLLM (restarting) never
+    counts, and restarts the clock: a new server gets its own grace period. Pure logic on
+    observed answers, so tests feed it answers and times.
+    """
+
+    def __init__(self, name: str, grace: float) -> None:
+        self.name, self.grace = name, grace
+        self.lacking_since: float | None = None
+
+    def observe(self, served: list[str] | None, now: float) -> str | None:
+        """`served`: the ids /v1/models listed, None if it did not answer. Returns the error
+        message when it is time to give up, else None."""
+        if served is None or self.name in served:
+            self.lacking_since = None
+            return None
+        if self.lacking_since is None:
+            self.lacking_since = now
+        if now - self.lacking_since < self.grace:
+            return None
+        return (f"vLLM serves {', '.join(map(repr, served)) or 'no model'} but not "
+                f"{self.name!r} (checked for {now - self.lacking_since:.0f} s; "
+                "--model-name-grace): pass --model-name with one of those")
+
+
 class VLLMSampler:
     """vLLM requests for one environment; `should_stop` ends a retry loop early (training
     finished), and `stats.retried` counts every retry."""
@@ -98,6 +135,7 @@ class VLLMSampler:
         self._should_stop = should_stop
         self._sessions = ThreadSessions()
         self._model_name = config.model_name
+        self._name_check = ModelNameCheck(config.model_name or "", config.model_name_grace)
 
     @property
     def model_name(self) -> str:
@@ -108,13 +146,35 @@ class VLLMSampler:
             log.info("sampling with vLLM model %r", self._model_name)
         return self._model_name
 
+    def served_models(self) -> list[str] | None:
+        """The model ids /v1/models lists, in one quick try; None if it does not answer."""
+        try:
+            response = self._sessions.session.get(
+                self.config.vllm_url.rstrip("/") + "/v1/models", timeout=5)
+            if not response.ok:
+                return None
+            return [str(m.get("id")) for m in response.json().get("data") or []]
+        except (requests.RequestException, ValueError, AttributeError):
+            return None
+
+    def _check_model_name(self) -> None:
+        """After a 404: raise ModelNotServed once the name has been missing long enough."""
+        if self.config.model_name is None:  # the name came from /v1/models itself
+            return
+        served = self.served_models()
+        with self._lock:  # worker threads share the check's clock
+            message = self._name_check.observe(served, time.monotonic())
+        if message is not None:
+            raise ModelNotServed(message)
+
     def request(self, method: str, path: str, json: dict[str, Any] | None = None,
                 expected_choices: int | None = None) -> Any:
         """One vLLM request, retried while vLLM is down, busy or aborts a choice.
 
         Server errors, 404 (an adapter not loaded yet), refused connections and choices with
         finish_reason "abort" are retried with backoff for up to `vllm_retry_timeout`; other
-        4xx answers mean a bad request and raise at once. With `expected_choices` the answer
+        4xx answers mean a bad request and raise at once, and so does a 404 for a model name
+        that vLLM keeps not serving (`ModelNameCheck`). With `expected_choices` the answer
         is its choices in request order, else the JSON body.
         """
         deadline = time.monotonic() + self.config.vllm_retry_timeout
@@ -138,6 +198,8 @@ class VLLMSampler:
                     reason = f"{aborted} of {len(choices)} choices aborted"
                 elif response.status_code >= 500 or response.status_code in (404, 408, 429):
                     reason = f"HTTP {response.status_code}: {response.text[:200]}"
+                    if response.status_code == 404:
+                        self._check_model_name()
                 else:
                     raise VLLMRequestError(f"vLLM rejected {path} (HTTP "
                                            f"{response.status_code}): {response.text[:500]}")

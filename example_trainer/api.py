@@ -103,12 +103,27 @@ class TrajectoryClient:
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/status")
 
+    _missing_endpoints: frozenset[str] = frozenset()  # 404s seen for the two posts below
+
     def publish_weight_version(self, version: int) -> None:
-        self._call("POST", "/weight_version", json={"version": version})
+        self._post_if_supported("/weight_version", {"version": version})
 
     def finish(self, reason: str = "completed") -> None:
         """Tell environments training is over, so they stop on a signal, not a count."""
-        self._call("POST", "/training_finished", json={"reason": reason})
+        self._post_if_supported("/training_finished", {"reason": reason})
+
+    def _post_if_supported(self, path: str, body: dict[str, Any]) -> None:
+        """POST to an endpoint of this project's API that Atropos' run-api lacks (404): warned
+        about once, then not sent again (run-api environments stop on its step count)."""
+        if path in self._missing_endpoints:
+            return
+        response = self.session.post(self.url + path, json=body, timeout=self.request_timeout)
+        if response.status_code == 404:
+            self._missing_endpoints = self._missing_endpoints | {path}
+            log.warning("trajectory API %s has no POST %s (Atropos run-api?): not sent again",
+                        self.url, path)
+            return
+        response.raise_for_status()
 
 
 @dataclass

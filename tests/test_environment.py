@@ -20,7 +20,9 @@ import requests
 
 from environments.arithmetic import (DIFFICULTIES, PROMPT, ArithmeticEnv,
                                      eval_items, extract_answer, make_item)
-from environments.base import (Completion, EnvConfig, Environment, Item, MalformedResponse,
+from environments.api_client import TrajectoryClient as EnvApiClient
+from environments.base import (Completion, EnvConfig, EnvStats, Environment, Item,
+                               MalformedResponse, ModelNameCheck, ModelNotServed,
                                VLLMUnavailable, build_scored_group, parse_choice,
                                queued_sequences, scores_all_equal)
 
@@ -202,6 +204,44 @@ def test_queued_sequences_reads_both_api_flavours() -> None:
     assert queued_sequences({"env_queue_size": 12, "self_queue_size": 1}, 8) == 12
     assert queued_sequences({"self_queue_size": 2}, 8) == 16  # Atropos: groups
     assert queued_sequences({"queue_size": 100}, 8) is None
+    # This project's /status-env: queue_size in groups (all environments), like run-api.
+    assert queued_sequences({"queue_size": 5, "queued_sequences": 40, "env_queue_size": 16,
+                             "self_queue_size": 2}, 8) == 16
+
+
+def test_model_name_check_gives_up_only_after_answers_lack_the_name() -> None:
+    check = ModelNameCheck("policy", grace=60)
+    assert check.observe(["base"], now=100) is None       # adapter not registered yet
+    assert check.observe(["base"], now=159) is None
+    message = check.observe(["base", "other"], now=160)
+    assert message is not None and "'base', 'other'" in message and "'policy'" in message
+
+
+def test_model_name_check_never_counts_an_unreachable_vllm() -> None:
+    check = ModelNameCheck("policy", grace=60)
+    assert check.observe(["base"], now=0) is None
+    assert all(check.observe(None, now=t) is None for t in (30, 100, 1000))  # restarting
+    assert check.observe(["base"], now=1001) is None      # a new server: a new grace period
+    assert check.observe(["base"], now=1060) is None
+    assert check.observe(["base"], now=1062) is not None
+    assert check.observe(["base", "policy"], now=1063) is None   # registered: all clear
+    assert check.observe(["base"], now=1100) is None
+
+
+def test_finished_from_explicit_signal_or_run_api_step_count(caplog) -> None:
+    client = EnvApiClient(EnvConfig(), EnvStats(), threading.Lock(), threading.Event())
+    client.num_steps = 10
+    assert client.finished_in({"training_finished": True, "current_step": 0})
+    assert not client.finished_in({"training_finished": False, "current_step": 99})
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        # Atropos' run-api: no training_finished; over once the last batch was taken.
+        assert not client.finished_in({"current_step": 9, "queue_size": 0})
+        assert client.finished_in({"current_step": 10, "queue_size": 0})
+        client.num_steps = None
+        assert not client.finished_in({"current_step": 10})   # unknown: never guessed
+    warnings = [r for r in caplog.records if "no training_finished" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 class FakeTokenizer:
@@ -236,6 +276,51 @@ def test_vllm_down_is_retried_then_given_up() -> None:
     with pytest.raises(VLLMUnavailable, match="unreachable"):
         env.sample([1, 2, 3], max_tokens=4)
     assert env.stats.retried >= 1
+
+
+class RunApiStandIn(threading.Thread):
+    """A real HTTP server with run-api's gap: 404 for POST /weight_version and
+    /training_finished (atroposlib 0.4.0 has neither); counts the posts it gets."""
+
+    def __init__(self) -> None:
+        import http.server
+        posts: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                posts.append(self.path)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = b'{"detail":"Not Found"}'
+                self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.posts = posts
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        super().__init__(target=self.server.serve_forever, daemon=True)
+
+
+def test_trainer_warns_once_when_the_api_lacks_weight_version_and_finish(caplog) -> None:
+    from example_trainer.api import TrajectoryClient
+    server = RunApiStandIn()
+    server.start()
+    try:
+        client = TrajectoryClient(server.url, request_timeout=5)
+        with caplog.at_level("WARNING"):
+            for version in range(3):
+                client.publish_weight_version(version)    # no exception: run-api lacks it
+            client.finish("completed")
+            client.finish("completed")
+    finally:
+        server.server.shutdown()
+    assert server.posts == ["/weight_version", "/training_finished"]   # each tried once
+    warned = [r.getMessage() for r in caplog.records if "not sent again" in r.getMessage()]
+    assert len(warned) == 2 and "/weight_version" in warned[0]
 
 
 def test_cli_parses_common_and_task_flags() -> None:
@@ -485,6 +570,17 @@ def test_aborted_generation_is_retried(api_url: str, vllm_server, tiny_model_dir
     prompt_len = check_group_alignment(env, group, max_tokens=300)
     lengths = [len(t) - prompt_len for t in group["tokens"]]
     assert lengths == [300] * 4, lengths   # the retried, complete group; not a partial one
+
+
+@pytest.mark.slow
+def test_unserved_model_name_fails_naming_the_served_ones(api_url: str, vllm_server,
+                                                          tiny_model_dir) -> None:
+    start_trainer(api_url, batch_size=4, max_token_len=1024)
+    env = ParityEnv(e2e_config(api_url, vllm_server, tiny_model_dir, model_name="policy",
+                               model_name_grace=1.0))
+    with pytest.raises(ModelNotServed, match=r"serves 'tiny' but not 'policy'"):
+        env.run(max_groups=1)
+    assert env.stats.posted == 0 and env.stats.retried >= 1
 
 
 @pytest.mark.slow
