@@ -1,7 +1,8 @@
 """FSDP2 data parallel on 2 CPU ranks (gloo) gives the update of one process on the whole
 batch: parameters within 1e-5 after two steps, and the same step metrics, for every loss
 normalisation, uneven splits (5 sequences; a rank with fewer micro-batches; a rank with no
-sequence at all), a token-budget split, Llama and Qwen2, a LoRA adapter, and each optimizer
+sequence at all), a token-budget split, Llama and Qwen2, a LoRA adapter (with and without a
+KL term to the base model), and each optimizer
 that runs sharded (adamw, adamw_cpu as AdamW + CPUOffloadPolicy).
 
 All cases run in one spawn of 2 ranks (start-up is most of the cost on a 2-core machine)."""
@@ -39,6 +40,7 @@ class Case:
     tokens: int = 0
     loss: str = "grpo"
     dtype: str = "float32"      # bfloat16: MixedPrecisionPolicy, compared loosely
+    kl: float = 0.0             # LoRA: KL to the base model (adapter disabled, no grad)
 
     @property
     def name(self) -> str:
@@ -53,6 +55,7 @@ CASES = [
     Case(norm="sequence", batch="uneven", micro=1, loss="gspo"),
     Case(model="qwen2", norm="token", batch="uneven"),
     Case(model="lora", norm="sequence", batch="uneven"),
+    Case(model="lora", norm="token", batch="even", kl=0.1),
     Case(optimizer="adamw_cpu", norm="constant", batch="uneven"),
     Case(norm="token", batch="uneven", dtype="bfloat16"),
 ]
@@ -84,7 +87,7 @@ def build_batch(kind: str):
 def configs(case: Case) -> tuple[TrainConfig, StepConfig]:
     cfg = TrainConfig(device="cpu", dtype=case.dtype, optimizer=case.optimizer, norm=case.norm,
                       loss=case.loss, lr=1e-3, micro_batch_size=case.micro,
-                      micro_batch_tokens=case.tokens, max_grad_norm=1.0)
+                      micro_batch_tokens=case.tokens, max_grad_norm=1.0, kl_coef=case.kl)
     return cfg, StepConfig.from_config(cfg)
 
 
