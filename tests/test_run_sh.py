@@ -1,4 +1,5 @@
-"""run.sh sees deaths: the API or the environment exiting ends the whole run within seconds.
+"""run.sh sees deaths: the API or the environment exiting ends the whole run within seconds
+(and, opt-in, scripts/atropos_compat.sh against the real Atropos).
 
 Slow: each test runs ./run.sh as a user does (its own API, environment, trainer and vLLM on
 the tiny model), kills one process once the environment has registered, and checks that the
@@ -96,3 +97,14 @@ def test_a_dead_process_ends_the_run(victim: str, module: str, tiny_model_dir: P
         output[-3000:]
     assert not leftovers, f"still running after run.sh ended: {leftovers}"
     assert processes_listening_on(vllm_port) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ATROPOS_COMPAT"),
+                    reason="opt-in (ATROPOS_COMPAT=1): installs atroposlib, about 5 minutes")
+def test_atropos_compat_script_passes_both_ways() -> None:
+    """scripts/atropos_compat.sh against the real atroposlib 0.4.0 (README, Compatibility)."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "atropos_compat.sh")], cwd=REPO,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "FAIL" not in proc.stderr and proc.stderr.count("PASS") == 6, proc.stderr[-4000:]
