@@ -57,7 +57,7 @@ class HTTPWeightSyncClient:
         self.client, self.timeout_s = client, timeout_s
 
     def _post(self, path: str, body: dict[str, Any] | None, timeout: float) -> None:
-        self.client._request("POST", path, json=body, timeout=timeout)
+        self.client.post(path, body, timeout=timeout)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self._post("/init_weight_transfer_engine", {"init_info": init_info},

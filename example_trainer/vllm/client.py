@@ -303,3 +303,9 @@ class VLLMClient:
     def unload_lora_adapter(self, name: str) -> str:
         resp = self._request("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
         return resp.text
+
+    def post(self, path: str, body: dict[str, Any] | None = None, *,
+             timeout: float | None = None) -> requests.Response:
+        """POST JSON to any endpoint (e.g. the dev-mode weight-transfer routes), raising
+        VLLMError with vLLM's answer on failure."""
+        return self._request("POST", path, json=body, timeout=timeout)
