@@ -24,8 +24,10 @@ and trainers work against it unchanged, but it fixes the reference server's meas
   get 415 and a broken gzip stream 400.
 
 Modules: `schema` (request models, `check_group`), `queue` (`TrajectoryQueue`: registrations,
-packing, back-pressure, run state; no HTTP), `app` (`create_app`: FastAPI routes, body limit),
-`__main__` (the command line), `bench` (in-memory vs durable queue throughput and memory).
+back-pressure, run state; no HTTP), `packing` (exact-size oldest-first batch plans), `leases`
+(the lease state machine), `store` (the SQLite tables and transactions), `app` (`create_app`:
+FastAPI routes, body limit), `__main__` (the command line), `bench` (in-memory vs durable
+queue throughput and memory).
 
 Run: python -m environments.api_server --host 127.0.0.1 --port 8000
 """
