@@ -26,7 +26,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from .api_client import ApiUnavailable
 from .base import EnvConfig, Environment, Item, add_common_args, config_from_args, setup_logging
+from .sampling import VLLMRequestError, VLLMUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -246,13 +248,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = ArithmeticEnv(config_from_args(args), difficulty=args.difficulty,
                         heldout_fraction=args.heldout_fraction,
                         partial_credit=args.partial_credit)
-    if args.eval_only:
-        items = env.eval_items(args.eval_n, args.eval_seed)
-        accuracy = env.evaluate(items, temperature=args.eval_temperature)
-        log.info("accuracy %.4f on %d held-out problems (difficulty %d, T=%.2f)", accuracy,
-                 len(items), args.difficulty, args.eval_temperature)
-        return 0
-    env.run()
+    try:
+        if args.eval_only:
+            items = env.eval_items(args.eval_n, args.eval_seed)
+            accuracy = env.evaluate(items, temperature=args.eval_temperature)
+            log.info("accuracy %.4f on %d held-out problems (difficulty %d, T=%.2f)",
+                     accuracy, len(items), args.difficulty, args.eval_temperature)
+            return 0
+        env.run()
+    except (ApiUnavailable, VLLMUnavailable, VLLMRequestError) as err:
+        # Expected failures (a server gone, a model name vLLM does not serve): one line
+        # that names the cause and the fix, no traceback.
+        log.error("%s: %s", type(err).__name__, err)
+        return 1
     return 0
 
 
