@@ -197,6 +197,13 @@ def save_weights(final: Path, model: torch.nn.Module, tokenizer: Any = None,
     if trainer_state is not None:
         torch.save(trainer_state, tmp / STATE_FILE)
     _fsync_tree(tmp)
+    install_directory(tmp, final)
+    return final
+
+
+def install_directory(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary directory into place; a re-save swaps the old copy aside
+    first (`.old-NAME-PID`, which find_checkpoint falls back to) and then deletes it."""
     if final.exists():
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, old)
@@ -204,7 +211,6 @@ def save_weights(final: Path, model: torch.nn.Module, tokenizer: Any = None,
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    return final
 
 
 def _complete(path: Path) -> bool:

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (PENDING_FILE, STATE_FILE, Checkpointer, _fsync_tree, rng_state,
-                         set_rng_state, write_text_atomic)
+from .checkpoint import (PENDING_FILE, STATE_FILE, Checkpointer, _fsync_tree,
+                         install_directory, rng_state, set_rng_state, write_text_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,6 @@ FORMAT = "dcp"
 def _barrier(dist: Any) -> None:
     if dist is not None:
         dist.barrier()
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary directory into place; a re-save swaps the old copy aside
-    first (`.old-NAME-PID`, which find_checkpoint falls back to) and then deletes it."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
 
 
 def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
@@ -117,7 +105,7 @@ class ShardedCheckpointer(Checkpointer):
                 (tmp / PENDING_FILE).write_text(json.dumps(pending))
             torch.save(state, tmp / STATE_FILE)
             _fsync_tree(tmp)
-            _install(tmp, final)
+            install_directory(tmp, final)
             write_text_atomic(self.root / "latest", final.name)
             self._prune()
             log.info("saved sharded checkpoint %s", final)
