@@ -5,18 +5,12 @@ weight-transfer API; parity after every sync proves vLLM serves the trainer's we
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 
-from conftest import (REPO, copied_mode, free_port, processes_listening_on, run_trainer,
+from conftest import (copied_mode, free_port, processes_listening_on, run_trainer,
                       start_environment, stop_process_group, tiny_trainer_args)
 from test_mode_legacy import check_report
+from test_mode_lora import vllm_goes_away
 
 pytestmark = pytest.mark.slow
 
@@ -49,47 +43,6 @@ def test_full_nccl_serves_each_new_policy(tiny_model_dir, api_url, tmp_path):
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_full_nccl_fails_clearly_when_vllm_goes_away(fault, tiny_model_dir, api_url,
                                                      tmp_path):
-    """vLLM killed (SIGKILL) or hung (SIGSTOP) mid-run: one clear error within
-    --sync-timeout (plus the rpc slack), a final checkpoint, no process left."""
-    vllm_port, timeout = free_port(), 15
-    env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
-    log_path = tmp_path / "trainer.log"
-    with open(log_path, "wb") as log_file:
-        trainer = subprocess.Popen(
-            [sys.executable, "-m", "example_trainer", "--mode", "full_nccl",
-             *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path, steps=200),
-             "--sync-timeout", str(timeout)],
-            cwd=REPO, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
-    pgid = None
-    try:
-        deadline = time.monotonic() + 600
-        while "step 2/200" not in log_path.read_text():
-            assert trainer.poll() is None, log_path.read_text()[-5000:]
-            assert time.monotonic() < deadline, "trainer did not reach step 2"
-            time.sleep(0.5)
-        pgid = os.getpgid(processes_listening_on(vllm_port)[0])  # the server's own group
-        os.killpg(pgid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
-        faulted = time.monotonic()
-        while " ERROR " not in log_path.read_text():
-            assert time.monotonic() - faulted < timeout + 40, (
-                "no error within the sync timeout:\n" + log_path.read_text()[-5000:])
-            time.sleep(0.5)
-        returncode = trainer.wait(timeout=120)
-        text = log_path.read_text()
-        assert returncode == 1, text[-5000:]
-        [error] = [line for line in text.splitlines() if " ERROR example_trainer.cli" in line]
-        assert re.search(r"(VLLMGone|WeightSyncError|VLLMError): .*(exited with code|has not "
-                         r"answered|did not answer|stopped receiving|failed|cannot reach "
-                         r"vLLM)", error), error
-        saved = (tmp_path / "latest").read_text().strip()
-        assert saved.startswith("step-") and int(saved[5:]) >= 2, saved
-        assert (tmp_path / saved / "trainer_state.pt").exists(), text[-3000:]
-    finally:
-        if pgid is not None and fault == "hung":
-            try:
-                os.killpg(pgid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        stop_process_group(trainer)
-        stop_process_group(env)
-    assert processes_listening_on(vllm_port) == []
+    vllm_goes_away("full_nccl", fault, tiny_model_dir, api_url, tmp_path,
+                   causes="exited with code|has not answered|did not answer|stopped "
+                          "receiving|failed|cannot reach vLLM")

@@ -59,14 +59,22 @@ def test_lora_mode_serves_each_new_adapter(mode, pause, tiny_model_dir, api_url,
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_lora_nccl_fails_clearly_when_vllm_goes_away(fault, tiny_model_dir, api_url,
                                                      tmp_path):
-    """vLLM killed (SIGKILL) or hung (SIGSTOP) mid-run: the trainer ends with one clear
-    error within --sync-timeout (plus the rpc slack), not a hang, and no process is left."""
+    vllm_goes_away("lora_nccl", fault, tiny_model_dir, api_url, tmp_path,
+                   causes="exited with code|has not answered|did not answer|failed|"
+                          "cannot reach vLLM")
+
+
+def vllm_goes_away(mode: str, fault: str, tiny_model_dir, api_url, tmp_path, *,
+                   causes: str) -> None:
+    """vLLM killed (SIGKILL) or hung (SIGSTOP) mid-run of `mode`: the trainer ends with one
+    clear error naming one of `causes` within --sync-timeout (plus the rpc slack), not a
+    hang, with its last step checkpointed, and no process is left."""
     vllm_port, timeout = free_port(), 15
     env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
     log_path = tmp_path / "trainer.log"
     with open(log_path, "wb") as log_file:
         trainer = subprocess.Popen(
-            [sys.executable, "-m", "example_trainer", "--mode", "lora_nccl",
+            [sys.executable, "-m", "example_trainer", "--mode", mode,
              *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path, steps=200),
              "--sync-timeout", str(timeout)],
             cwd=REPO, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
@@ -92,8 +100,7 @@ def test_lora_nccl_fails_clearly_when_vllm_goes_away(fault, tiny_model_dir, api_
         assert returncode == 1, text[-5000:]
         # One line names the cause: vLLM exited / stopped answering / the sync failed.
         [error] = [line for line in text.splitlines() if " ERROR example_trainer.cli" in line]
-        assert re.search(r"(VLLMGone|WeightSyncError|VLLMError): .*(exited with code|has not "
-                         r"answered|did not answer|failed|cannot reach vLLM)", error), error
+        assert re.search(rf"(VLLMGone|WeightSyncError|VLLMError): .*({causes})", error), error
         # Without --restart-vllm-on-failure the run ends there, its last step checkpointed.
         saved = (tmp_path / "latest").read_text().strip()
         assert saved.startswith("step-") and int(saved[5:]) >= 2, saved
