@@ -115,9 +115,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     try:
-        values = load_config_file(args.pop("config")) if args.get("config") else {}
+        from_file = load_config_file(args.pop("config")) if args.get("config") else {}
         args.pop("config", None)
-        values.update(args)
+        mode = args.get("mode", from_file.get("mode", DEFAULTS.mode))
+        # the mode's own tuned settings (lr, sync_every...); a bad --mode fails in validate()
+        tuned = declared_defaults(mode) if mode in MODES or ":" in str(mode) else {}
+        values = {**tuned, **from_file, **args}
         choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
         for name, value in values.items():
             if choices[name] and value not in choices[name]:
@@ -126,7 +129,8 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         config = TrainConfig(**values).validate()
         trains = declared_trains(config.mode)  # the mode file says: full model or adapter
         config.check_trains(trains)
-        return dataclasses.replace(config, trains=trains)
+        applied = {k: v for k, v in tuned.items() if k not in from_file and k not in args}
+        return dataclasses.replace(config, trains=trains, mode_defaults=applied)
     except (ConfigError, TypeError) as err:
         parser.error(str(err))
 
@@ -162,17 +166,49 @@ def _mode_source(mode: str) -> Path:
     return Path(spec.origin)
 
 
+def _module_constant(path: Path, name: str) -> ast.expr | None:
+    """The value of a module-level `NAME = ...` in `path`, as an AST node (nothing runs)."""
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == name):
+            return node.value
+    return None
+
+
+def declared_defaults(mode: str) -> dict[str, Any]:
+    """The mode's `DEFAULTS = {"lr": ..., ...}`: settings tuned for it (a LoRA adapter wants
+    a far larger learning rate than full fine-tuning; an in-memory sync can run every step,
+    a restart cannot). They sit between the dataclass defaults and a config file or flag,
+    so `--mode` alone gives each mode its best settings and any flag still wins."""
+    path = _mode_source(mode)
+    node = _module_constant(path, "DEFAULTS")
+    if node is None:
+        return {}
+    try:
+        tuned = ast.literal_eval(node)
+    except ValueError as err:
+        raise ConfigError(f"--mode {mode!r}: DEFAULTS in {path} must be a literal dict of "
+                          f"option names ({err})") from err
+    names = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
+    if not isinstance(tuned, dict) or not all(isinstance(k, str) for k in tuned):
+        raise ConfigError(f"--mode {mode!r}: DEFAULTS in {path} must be a dict of option "
+                          "names, e.g. {'lr': 1e-4}")
+    for key in tuned:
+        if key not in names or key == "mode":
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--mode {mode!r}: DEFAULTS in {path} names unknown option "
+                              f"{key!r}{hint}")
+    return tuned
+
+
 def declared_trains(mode: str) -> str:
     """The mode's `TRAINS = "full" | "lora"`, read from its source without running it, so
     flags are checked against what the mode trains before anything heavy starts."""
     path = _mode_source(mode)
-    for node in ast.parse(path.read_text(), filename=str(path)).body:
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "TRAINS"
-                and isinstance(node.value, ast.Constant)):
-            if node.value.value not in TRAINS_CHOICES:
-                break
-            return node.value.value
+    node = _module_constant(path, "TRAINS")
+    if isinstance(node, ast.Constant) and node.value in TRAINS_CHOICES:
+        return node.value
     raise ConfigError(f"--mode {mode!r}: {path} must say what it trains with a module-level "
                       "TRAINS = 'full' or TRAINS = 'lora' (and pass TRAINS to "
                       "TrainingRun.setup)")
@@ -212,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bitsandbytes warns on import (via peft) that an optional CPU 4-bit kernel is missing;
     # nothing here uses 4-bit, so it is noise on every run.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if config.mode_defaults:
+        log.info("--mode %s uses its tuned defaults %s (a flag or --config value wins)",
+                 config.mode, ", ".join(f"--{dashed(k)} {v}" for k, v in
+                                        config.mode_defaults.items()))
     try:
         train = resolve_mode(config.mode)
     except ConfigError as err:

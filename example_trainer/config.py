@@ -204,6 +204,9 @@ class TrainConfig:
     # --- declared by the mode, not a flag ----------------------------------------------
     trains: str = field(default="", metadata={"help": "", "choices": TRAINS_CHOICES,
                                               "group": "", "internal": True})
+    # the mode's DEFAULTS that no config file or flag overrode (logged at start)
+    mode_defaults: dict = field(default_factory=dict, metadata={
+        "help": "", "choices": None, "group": "", "internal": True})
 
     # --- derived -----------------------------------------------------------------------
     @property

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from example_trainer.cli import parse_config, resolve_mode
-from example_trainer.config import ConfigError
+from example_trainer.cli import declared_defaults, parse_config, resolve_mode
+from example_trainer.config import MODES, ConfigError
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -89,4 +89,50 @@ def test_a_mode_says_what_it_trains(tmp_path, source):
     out = run_cli(*flags)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     expected = "must say what it trains" if not source else "only applies to modes that train"
+    assert expected in out.stderr, out.stderr
+
+
+def test_a_mode_brings_its_tuned_defaults(tmp_path):
+    """A mode's DEFAULTS sit between the dataclass defaults and a config file or flag: the
+    mode alone gets them, a config file or flag wins, and the run records which applied."""
+    mode = tmp_path / "tuned.py"
+    mode.write_text("TRAINS = 'lora'\nDEFAULTS = {'lr': 5e-4, 'sync_every': 3, "
+                    "'lora_rank': 32}\ndef train(config):\n    return config\n")
+    target = f"{mode}:train"
+    config = parse_config(["--mode", target])
+    assert (config.lr, config.sync_every, config.lora_rank) == (5e-4, 3, 32)
+    assert config.mode_defaults == {"lr": 5e-4, "sync_every": 3, "lora_rank": 32}
+
+    config = parse_config(["--mode", target, "--lr", "1e-2"])
+    assert (config.lr, config.sync_every) == (1e-2, 3)
+    assert "lr" not in config.mode_defaults
+
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(f'mode = "{target}"\nsync_every = 7\n')
+    config = parse_config(["--config", str(run_toml)])
+    assert (config.lr, config.sync_every) == (5e-4, 7)
+
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_built_in_modes_defaults_apply(mode):
+    """Each built-in mode's DEFAULTS are valid options and reach its config."""
+    tuned = declared_defaults(mode)
+    config = parse_config(["--mode", mode])
+    assert config.mode_defaults == tuned
+    for name, value in tuned.items():
+        assert getattr(config, name) == value, name
+
+
+@pytest.mark.parametrize("declaration, expected", [
+    ("DEFAULTS = {'learning_rate': 1e-3}", "unknown option 'learning_rate'"),
+    ("DEFAULTS = {'mode': 'legacy'}", "unknown option 'mode'"),
+    ("DEFAULTS = dict(lr=1e-3)", "must be a literal dict"),
+    ("DEFAULTS = {'lora_rank': 4}", "only applies to modes that train"),
+])
+def test_bad_mode_defaults_fail_in_one_line(tmp_path, declaration, expected):
+    mode = tmp_path / "bad.py"
+    mode.write_text(f"TRAINS = 'full'\n{declaration}\ndef train(config):\n    return 0\n")
+    out = run_cli("--mode", f"{mode}:train")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert expected in out.stderr, out.stderr
