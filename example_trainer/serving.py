@@ -97,7 +97,7 @@ class VLLM:
 
     def __init__(self, cfg: TrainConfig, url: str, server: VLLMServer | None = None) -> None:
         self.cfg, self.url, self.server = cfg, url.rstrip("/"), server
-        self.client = VLLMClient(self.url)
+        self.client = VLLMClient(self.url, pause_timeout=cfg.sync_timeout)
         self.restarts = 0
         self._restart_s = 0.0
         self._resyncs: list[Callable[[], None]] = []

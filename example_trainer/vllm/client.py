@@ -81,9 +81,12 @@ def _parse_token(token: str) -> int:
 class VLLMClient:
     """A thin, typed wrapper over the vLLM routes the trainers use."""
 
-    def __init__(self, url: str, timeout: float = 600.0, session: requests.Session | None = None) -> None:
+    def __init__(self, url: str, timeout: float = 600.0, session: requests.Session | None = None,
+                 pause_timeout: float | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        # how long `paused("wait")` may wait for running requests (the run's --sync-timeout)
+        self.pause_timeout = timeout if pause_timeout is None else pause_timeout
         self.session = session or requests.Session()
 
     def __repr__(self) -> str:
@@ -254,8 +257,14 @@ class VLLMClient:
         if how != "wait":
             raise ValueError(f"unknown sync pause {how!r} (expected 'wait' or 'none')")
         try:
-            self.pause("wait", clear_cache=False)
+            self._request("POST", "/pause", params={"mode": "wait", "clear_cache": "false"},
+                          timeout=self.pause_timeout)
         except VLLMError as exc:
+            if exc.status_code is None and "did not answer" in str(exc):
+                raise VLLMError(f"vLLM at {self.url} did not finish its running requests "
+                                f"within {self.pause_timeout:g} s (--sync-timeout) to pause "
+                                "for a sync: raise --sync-timeout for long generations, or "
+                                "sync without pausing (--sync-pause none)") from exc
             if exc.status_code != 404:
                 raise
             raise VLLMError(f"vLLM at {self.url} has no /pause: start it with "
