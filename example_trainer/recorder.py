@@ -68,6 +68,9 @@ class Recorder:
         self.records: list[dict[str, Any]] = []
         self._times: dict[str, float] = {}
         self._step_start = self.started = time.perf_counter()
+        # The same instant on the machine's clock: a process that started the trainer can
+        # tell how long set-up took before training seconds began (the mode comparison).
+        self.started_unix = time.time()
         self.apart_s = 0.0  # time spent outside the steps' clock (held-out evaluation)
         self._wandb = None
         # Callables whose metrics join every step's record (e.g. the fetcher's data wait
@@ -164,7 +167,8 @@ class Recorder:
             path = Path(self.json_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             payload = {"mode": self.mode, "machine": machine_info(), "config": self.config,
-                       "steps": self.records, "summary": self.summary(), **final}
+                       "steps": self.records, "summary": self.summary(),
+                       "started_unix": self.started_unix, **final}
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps(payload, indent=1, default=str))
             os.replace(tmp, path)

@@ -12,6 +12,7 @@ from example_trainer.recorder import Recorder
 
 
 def test_records_summary_and_json(tmp_path):
+    before = time.time()
     recorder = Recorder(mode="unit", total_steps=2, benchmark=True,
                         json_path=str(tmp_path / "b.json"))
     for step, pause in ((1, 0.02), (2, 0.04)):
@@ -31,6 +32,8 @@ def test_records_summary_and_json(tmp_path):
     assert [r["step"] for r in report["steps"]] == [1, 2]
     assert report["eval_after"] == 0.5 and report["machine"]["cores"] >= 1
     assert "train_s" in report["summary"] and report["steps"][0]["peak_mem_gib"] > 0
+    # When training seconds began, on the machine's clock (the mode comparison's set-up time)
+    assert before <= report["started_unix"] <= time.time()
 
 
 def test_wandb_logs_every_step_offline(tmp_path, monkeypatch):
@@ -57,3 +60,10 @@ def test_time_kept_apart_counts_in_neither_the_step_nor_training_seconds():
     # Without the exclusion both would be >= 1 s; the margin absorbs a slow machine.
     assert record["step_s"] < 0.9 and rec.training_seconds() < 0.9, record
     assert rec.apart_s >= 1.0
+    # Steps' times add up to the training clock: the mode comparison places each step's
+    # reward at the sum of step_s so far.
+    with rec.apart():
+        time.sleep(0.2)
+    record2 = rec.log(2, {})
+    assert record["step_s"] + record2["step_s"] == pytest.approx(rec.training_seconds(),
+                                                                   abs=0.01)
