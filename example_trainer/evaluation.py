@@ -45,10 +45,7 @@ def plot_learning_curve(curve: list[dict[str, Any]], path: Path, *, title: str =
                  path.name)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["train_s"] for p in curve], [p["accuracy"] for p in curve], marker="o")
-    for point in curve:
-        ax.annotate(str(point["step"]), (point["train_s"], point["accuracy"]),
-                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    draw_accuracy(ax, curve)
     ax.set_xlabel("training wall time, s (evaluation excluded; labels: step)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)
@@ -59,3 +56,15 @@ def plot_learning_curve(curve: list[dict[str, Any]], path: Path, *, title: str =
     fig.savefig(path, dpi=100)
     plt.close(fig)
     log.info("learning curve written to %s", path)
+
+
+def draw_accuracy(ax: Any, curve: list[dict[str, Any]], *, x: str = "train_s",
+                  label: str | None = None, **style: Any) -> None:
+    """One learning curve on matplotlib axes `ax`, accuracy against the seconds in key `x`,
+    each point labelled with its step: a run's accuracy.png and the mode comparison's
+    learning.png (one curve per mode) draw it the same way."""
+    ax.plot([p[x] for p in curve], [p["accuracy"] for p in curve], label=label,
+            **{"marker": "o", **style})
+    for point in curve:
+        ax.annotate(str(point["step"]), (point[x], point["accuracy"]),
+                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
