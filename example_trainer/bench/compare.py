@@ -5,7 +5,9 @@ For each selected mode, in turn, a fresh trajectory API, arithmetic environment 
 vLLM's generation counter and memory are polled (`processes.py`). Then, in the same run,
 the bare memcpy and broadcast of each mode's sync bytes are measured, and optionally the
 optimizers (`reference.py`). The rows, tables, chart and JSON come from `report.py`; every
-mode's sync time is shown as a ratio to both limits.
+mode's sync time is shown as a ratio to both limits. With `--learning` every mode runs like
+`./run.sh`'s default run and evaluates every few steps: `learning.py` puts held-out accuracy
+and reward on one wall clock per mode (learning.png, bench.json's `learning`).
 
 Nothing here imitates a part: real servers, real vLLM, the trainer as users run it.
 This module holds the settings and the run.
@@ -21,6 +23,7 @@ from typing import Any
 
 from ..config import DEFAULT_MODEL, MODES
 from ..recorder import machine_info
+from .learning import draw_learning_chart, format_learning_table, learning_section
 from .processes import (counter_increase, failure_reason, find_vllm_server, group_memory,
                         parse_prometheus_counter, run_mode, trainer_command)
 from .reference import compare_optimizers, measure_reference, time_shared_memcpy
@@ -34,9 +37,16 @@ __all__ = ["BenchSettings", "run", "counter_increase", "failure_reason", "find_v
            "compare_optimizers", "measure_reference", "time_shared_memcpy", "TABLE_COLUMNS",
            "WEIGHT_COPIES", "draw_chart", "failed_row", "format_optimizer_table",
            "format_table", "optimizer_rows", "ratio", "report_text", "summarize_mode",
-           "write_json"]
+           "write_json", "LEARNING_DEFAULTS", "learning_section", "format_learning_table",
+           "draw_learning_chart"]
 
 log = logging.getLogger(__name__)
+
+
+# --learning: the work of `./run.sh`'s default run (run.sh: TRAINER_ARGS, ENV_ARGS), long
+# enough to see learning; flags given on the command line win.
+LEARNING_DEFAULTS = {"steps": 12, "batch_size": 16, "micro_batch_size": 4, "group_size": 8,
+                     "max_tokens": 32}
 
 
 @dataclass
@@ -60,15 +70,20 @@ class BenchSettings:
     optimizer_steps: int = 3
     poll_interval: float = 1.0
     trainer_args: list[str] = field(default_factory=list)
+    learning: bool = False   # each mode's own tuned defaults, evaluated every eval_every
+    eval_every: int = 2
+    eval_size: int = 64
 
 
 def run(s: BenchSettings) -> dict[str, Any]:
-    """The whole comparison; writes `bench.json` and `bench.png` into `s.out_dir`."""
+    """The whole comparison; writes `bench.json`, `bench.png` and, when the trainers
+    evaluated (`--learning`), `learning.png` into `s.out_dir`."""
     from ..model import resolve_model_path
 
     out = Path(s.out_dir or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "bench.json", out / "bench.png"
+    learning_png = out / "learning.png"
     model_path = resolve_model_path(s.model)
     payload: dict[str, Any] = {"machine": machine_info(), "settings": asdict(s),
                                "model_path": model_path, "modes": {}, "reference": [],
@@ -115,8 +130,14 @@ def run(s: BenchSettings) -> dict[str, Any]:
              f"{machine.get('gpu') or machine.get('cpu')}, {machine.get('cores')} cores")
     if rows:
         payload["chart"] = str(draw_chart(rows, png_path, title))
+    if s.learning or any(r.get("eval_curve") for r in ok.values()):
+        payload["learning"] = learning_section(payload["modes"])
+        payload["learning_chart"] = str(draw_learning_chart(
+            payload["learning"], learning_png, title + f"; held-out: {s.eval_size} problems"
+            if s.learning else title))
     payload["text"] = report_text(payload)
     write_json(json_path, payload)
     log.info("mode comparison (%s):\n%s", title, payload["text"])
-    log.info("JSON: %s%s", json_path, f"; chart: {png_path}" if rows else "")
+    log.info("JSON: %s%s%s", json_path, f"; chart: {png_path}" if rows else "",
+             f"; learning chart: {learning_png}" if "learning" in payload else "")
     return payload

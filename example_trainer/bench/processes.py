@@ -6,6 +6,7 @@ counters and memory while it runs.
 with the same model, seed, batch and step count for every mode; the trainer starts its own
 vLLM. While the trainer runs, `VLLMMonitor` polls vLLM's Prometheus counter
 `vllm:generation_tokens_total` (generation tokens/s) and the memory of vLLM's process group.
+The time the trainer was started (`trainer_spawned_unix`) is the learning view's zero.
 Everything is stopped by process group, never by name. Linux only (/proc).
 """
 
@@ -268,12 +269,20 @@ def mode_available(mode: str) -> str:
 
 def trainer_command(mode: str, s: BenchSettings, api_url: str, vllm_port: int,
                     run_dir: Path) -> list[str]:
-    """The same flags for every mode; `s.trainer_args` come last and win."""
+    """The same flags for every mode; `s.trainer_args` come last and win.
+
+    With `s.learning` each mode keeps its own learning rate, sync interval and LoRA shape
+    (its mode file's defaults: the comparison is of each mode at its best) and evaluates
+    every `s.eval_every` steps; otherwise no evaluation and the same LoRA rank for all."""
+    if s.learning:
+        own = ["--eval-size", str(s.eval_size), "--eval-every", str(s.eval_every)]
+    else:
+        own = ["--lora-rank", str(s.lora_rank), "--eval-size", "0"]
     return [sys.executable, "-m", "example_trainer", "--mode", mode, "--model", s.model,
             "--api-url", api_url, "--vllm-port", str(vllm_port), "--steps", str(s.steps),
             "--seed", str(s.seed), "--batch-size", str(s.batch_size),
-            "--micro-batch-size", str(s.micro_batch_size), "--lora-rank", str(s.lora_rank),
-            "--eval-size", "0", "--save-path", str(run_dir), "--benchmark",
+            "--micro-batch-size", str(s.micro_batch_size), *own,
+            "--save-path", str(run_dir), "--benchmark",
             "--benchmark-json", str(run_dir / "trainer.json"), *s.trainer_args]
 
 
@@ -293,6 +302,7 @@ def run_mode(mode: str, s: BenchSettings, model_path: str, out: Path) -> dict[st
     monitor = VLLMMonitor(vllm_port, s.poll_interval)
     started = time.monotonic()
     status, reason, rc = "ok", "", None
+    spawned_unix: float | None = None
     try:
         procs.append(spawn([sys.executable, "-m", "environments.api_server", "--host",
                             "127.0.0.1", "--port", str(api_port)], run_dir / "api.log"))
@@ -305,6 +315,7 @@ def run_mode(mode: str, s: BenchSettings, model_path: str, out: Path) -> dict[st
                             "--seed", str(s.seed), "--concurrency", "2"],
                            run_dir / "environment.log"))
         monitor.start()
+        spawned_unix = time.time()  # the learning view's clock starts here
         trainer = spawn(trainer_command(mode, s, api_url, vllm_port, run_dir),
                         run_dir / "trainer.log", stream_prefix=mode)
         monitor.owner = trainer.pid
@@ -334,5 +345,5 @@ def run_mode(mode: str, s: BenchSettings, model_path: str, out: Path) -> dict[st
         except (OSError, ValueError) as exc:
             status, reason = "failed", f"no trainer JSON ({exc})"
     report.update(status=status, reason=reason, wall_s=time.monotonic() - started,
-                  vllm=monitor.result(), logs=str(run_dir))
+                  vllm=monitor.result(), logs=str(run_dir), trainer_spawned_unix=spawned_unix)
     return report

@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+from .learning import format_learning_table
+
 # What each mode keeps in memory (README, modes table); on CPU vLLM also keeps packed GEMM
 # copies of its linear weights (docs/vllm-cpu.md, "Packed linears"), whatever the mode.
 WEIGHT_COPIES = {"legacy": "2 full", "shared_vllm": "1", "lora_hotswap": "base 2 + adapter",
@@ -247,6 +249,12 @@ def report_text(payload: dict[str, Any]) -> str:
                      f"shared memory / a bare {backend} broadcast to a vLLM worker of the same "
                      "bytes, measured in this run (shared_vllm: of the whole model, what its "
                      "CPU re-pack copies). vLLM peak: RSS summed over its process group.")
+    if payload.get("learning"):
+        section = payload["learning"]
+        parts.append(format_learning_table(section))
+        levels = " / ".join(f"{t:g}" for t in section["thresholds"])
+        parts.append(f"Learning: seconds are {section['clock']}; s to {levels}: those of the "
+                     "first held-out evaluation at or above it ('-': never reached).")
     if payload.get("optimizers"):
         parts.append(format_optimizer_table(payload["optimizers"]))
     return "\n\n".join(parts)
