@@ -27,13 +27,19 @@ import requests
 
 from .config import EnvConfig, EnvStats
 from .sampling import Completion
-from .transport import Backoff, Stopped, ThreadSessions, retry_after_seconds
+from .transport import (API_TOKEN_ENV, Backoff, Stopped, ThreadSessions, api_token,
+                        bearer_headers, retry_after_seconds)
 
 log = logging.getLogger(__name__)
 
 
 class ApiUnavailable(RuntimeError):
     """The trajectory API did not answer within `api_timeout`."""
+
+
+class ApiUnauthorized(ApiUnavailable):
+    """The API answered 401: it has a shared secret and this environment sent none, or
+    another one. Retrying cannot help, so the runner ends with this one line."""
 
 
 def build_scored_group(prompt_ids: Sequence[int], completions: Sequence[Completion],
@@ -88,7 +94,7 @@ class TrajectoryClient:
     def __init__(self, config: EnvConfig, stats: EnvStats, lock: threading.Lock,
                  stop: threading.Event) -> None:
         self.config, self.stats, self._lock, self._stop = config, stats, lock, stop
-        self._sessions = ThreadSessions()
+        self._sessions = ThreadSessions(bearer_headers(api_token(config.api_token)))
         self.env_id: int | None = None
         self.max_token_length = config.max_token_length
         self.num_steps: int | None = None  # the trainer's, from /register-env
@@ -105,6 +111,11 @@ class TrajectoryClient:
             try:
                 response = self._sessions.session.request(
                     method, self._url(path), timeout=self.config.request_timeout, **kwargs)
+                if response.status_code == 401:
+                    raise ApiUnauthorized(
+                        f"trajectory API {self.config.api_url} refused {method} {path} (401: "
+                        f"no or wrong bearer token): set {API_TOKEN_ENV} (or --api-token) to "
+                        "the server's shared secret")
                 if response.status_code < 500:
                     return response
                 reason = f"HTTP {response.status_code}"

@@ -45,6 +45,11 @@ class EnvConfig:
     """Every runner option; `add_common_args` turns each field into a --flag."""
 
     api_url: str = opt("http://127.0.0.1:8000", "Trajectory API (Atropos run-api protocol).")
+    # repr=False: the secret must not appear where a config is printed or logged.
+    api_token: str | None = field(default=None, repr=False, metadata={"help": (
+        "Shared secret sent as 'Authorization: Bearer' to the API and to vLLM; default: "
+        "$EXAMPLE_TRAINER_API_TOKEN, which is preferred (a flag is visible in ps). Needed "
+        "when they run with one (any non-loopback address).")})
     vllm_url: str = opt("http://127.0.0.1:9001", "vLLM OpenAI-compatible server.")
     model_name: str | None = opt(None, "Model (or LoRA adapter) name to sample with; default: "
                                  "the first model vLLM lists at /v1/models.")

@@ -25,7 +25,7 @@ from typing import Any
 import requests
 
 from .config import EnvConfig, EnvStats
-from .transport import Backoff, Stopped, ThreadSessions
+from .transport import API_TOKEN_ENV, Backoff, Stopped, ThreadSessions, api_token, bearer_headers
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class VLLMSampler:
                  should_stop: Callable[[], bool]) -> None:
         self.config, self.stats, self._lock = config, stats, lock
         self._should_stop = should_stop
-        self._sessions = ThreadSessions()
+        # vLLM's --api-key is the run's shared secret too (the trainer starts it so).
+        self._sessions = ThreadSessions(bearer_headers(api_token(config.api_token)))
         self._model_name = config.model_name
         self._name_check = ModelNameCheck(config.model_name or "", config.model_name_grace)
 
@@ -201,8 +202,11 @@ class VLLMSampler:
                     if response.status_code == 404:
                         self._check_model_name()
                 else:
+                    hint = (f" (no or wrong API key: set {API_TOKEN_ENV} or --api-token to the "
+                            "key vLLM was started with)" if response.status_code == 401 else "")
                     raise VLLMRequestError(f"vLLM rejected {path} (HTTP "
-                                           f"{response.status_code}): {response.text[:500]}")
+                                           f"{response.status_code}): {response.text[:500]}"
+                                           f"{hint}")
             if self._should_stop():
                 raise Stopped
             if time.monotonic() > deadline:

@@ -34,6 +34,9 @@ from urllib.parse import urlparse
 
 import requests
 
+from environments.transport import API_TOKEN_ENV, bearer_headers
+from environments.transport import api_token as shared_secret
+
 from .batch import Batch, collate_groups
 from .checkpoint import SAFE_POINTS, rng_state
 
@@ -44,17 +47,28 @@ class ApiUnavailable(RuntimeError):
     """The trajectory API did not answer in time; the message says how to start it."""
 
 
-class TrajectoryClient:
-    """Thin typed wrapper over the trajectory API's HTTP endpoints."""
+class ApiUnauthorized(ApiUnavailable):
+    """The API answered 401 (it has a shared secret; we sent none or another): retrying
+    cannot help, so the run ends with this one line instead of waiting out a timeout."""
 
-    def __init__(self, url: str, *, request_timeout: float = 30.0) -> None:
+
+class TrajectoryClient:
+    """Thin typed wrapper over the trajectory API's HTTP endpoints.
+
+    `api_token`: the shared secret sent as a bearer token with every request; by default
+    $EXAMPLE_TRAINER_API_TOKEN (none set: nothing sent, as Atropos' trainers do)."""
+
+    def __init__(self, url: str, *, request_timeout: float = 30.0,
+                 api_token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.request_timeout = request_timeout
         self.session = requests.Session()
+        self.session.headers.update(bearer_headers(shared_secret(api_token)))
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.session.request(method, self.url + path,
                                         timeout=self.request_timeout, **kwargs)
+        _refuse_unauthorized(response, self.url)
         response.raise_for_status()
         return response.json()
 
@@ -118,12 +132,21 @@ class TrajectoryClient:
         if path in self._missing_endpoints:
             return
         response = self.session.post(self.url + path, json=body, timeout=self.request_timeout)
+        _refuse_unauthorized(response, self.url)
         if response.status_code == 404:
             self._missing_endpoints = self._missing_endpoints | {path}
             log.warning("trajectory API %s has no POST %s (Atropos run-api?): not sent again",
                         self.url, path)
             return
         response.raise_for_status()
+
+
+def _refuse_unauthorized(response: requests.Response, url: str) -> None:
+    if response.status_code == 401:
+        raise ApiUnauthorized(
+            f"trajectory API at {url} refused {response.request.method} "
+            f"{urlparse(response.url).path} (401: no or wrong bearer token): set "
+            f"{API_TOKEN_ENV} to the secret the API server was started with")
 
 
 @dataclass
@@ -348,7 +371,7 @@ class BatchFetcher:
         self.weight_version = version
         try:
             self.client.publish_weight_version(version)
-        except requests.RequestException as err:
+        except (requests.RequestException, ApiUnauthorized) as err:
             log.warning("could not publish weight version %d: %s", version, err)
 
     def metrics(self) -> dict[str, float]:
@@ -369,5 +392,5 @@ class BatchFetcher:
         self.flush_acknowledgements()
         try:
             self.client.finish(reason)
-        except requests.RequestException as err:
+        except (requests.RequestException, ApiUnauthorized) as err:
             log.warning("could not tell the API that training finished: %s", err)

@@ -9,6 +9,7 @@ import sqlite3
 
 import uvicorn
 
+from ..transport import API_TOKEN_ENV, api_token, exposed_without_secret, is_loopback
 from .app import DEFAULT_MAX_REQUEST_MB, create_app
 from .queue import DEFAULT_LEASE_TIMEOUT_S, MEMORY
 
@@ -34,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m environments.api_server",
         description="Trajectory API (drop-in for Atropos run-api): environments post scored "
                     "groups, the trainer polls /batch.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; any other than loopback needs a shared "
+                             "secret (--api-token)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--max-queue-sequences", type=_positive_int, default=4096,
                         help="queue bound in sequences; posts beyond it get 429 + Retry-After")
@@ -50,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         default=DEFAULT_LEASE_TIMEOUT_S, metavar="SECONDS",
                         help="a leased batch its trainer has neither acknowledged nor renewed "
                              "(by polling /batch) for this long returns to the queue head")
+    parser.add_argument("--api-token", default=None, metavar="SECRET",
+                        help="shared secret every request must carry as 'Authorization: "
+                             f"Bearer SECRET' (else 401); default: ${API_TOKEN_ENV}, which "
+                             "is preferred (a flag is visible in ps). Required unless --host "
+                             "is loopback; without one a loopback server asks for none, as "
+                             "Atropos' run-api")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="debug also logs every post and every HTTP request")
@@ -70,10 +79,15 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, configure logging, serve until SIGINT/SIGTERM; 2 if the port is busy."""
+    """Parse arguments, configure logging, serve until SIGINT/SIGTERM; 2 if the port is busy
+    or the address is not loopback and no shared secret is set."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = api_token(args.api_token)
+    if token is None and not is_loopback(args.host):
+        log.error("%s", exposed_without_secret("the trajectory API", args.host, "--host"))
+        return 2
     try:
         sock = _bind(args.host, args.port)
     except OSError as err:
@@ -82,14 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         app = create_app(args.max_queue_sequences, args.max_request_mb << 20, args.queue_db,
-                         args.lease_timeout)
+                         args.lease_timeout, api_token=token)
     except sqlite3.Error as err:
         sock.close()
         log.error("cannot open the queue database %s: %s (check --queue-db)", args.queue_db,
                   err)
         return 2
-    log.info("trajectory API listening on http://%s:%d (max_queue_sequences=%d, queue %s)",
-             args.host, sock.getsockname()[1], args.max_queue_sequences, args.queue_db)
+    log.info("trajectory API listening on http://%s:%d (max_queue_sequences=%d, queue %s, %s)",
+             args.host, sock.getsockname()[1], args.max_queue_sequences, args.queue_db,
+             "bearer token required" if token else "no token: loopback only")
     config = uvicorn.Config(app, log_config=None,
                             log_level=args.log_level, access_log=args.log_level == "debug")
     uvicorn.Server(config).run(sockets=[sock])

@@ -2,8 +2,9 @@
 
 Routes and JSON shapes are Atropos' run-api (atroposlib 0.4.0). This module only translates:
 request bodies are parsed by the models in `schema`, the queue's exceptions become status codes
-(GroupError 422, QueueFull 429 + Retry-After, TrainingFinished 409, UnknownEnv 404), and
-`RequestBodyLimit` bounds every body (413) before anything is parsed.
+(GroupError 422, QueueFull 429 + Retry-After, TrainingFinished 409, UnknownEnv 404),
+`RequestBodyLimit` bounds every body (413) before anything is parsed, and with a shared secret
+`BearerAuth` answers 401 to every request that does not carry it, before anything else runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from ..transport import API_TOKEN_ENV, bearer_matches
 from .queue import (DEFAULT_LEASE_TIMEOUT_S, MEMORY, QueueFull, TrainingFinished,
                     TrajectoryQueue, UnknownEnv)
 from .schema import (EnvRef, EnvRegistration, GroupError, LeaseAck, ScoredData,
@@ -144,15 +146,60 @@ class RequestBodyLimit:
         await self.app(scope, replay, send)
 
 
+class BearerAuth:
+    """ASGI middleware: every request must carry `Authorization: Bearer <token>`, else 401.
+
+    Every path is guarded, /status and / included: /status tells the weight version and the
+    queue, and a server that answers anything unauthenticated can be told apart and probed.
+    It runs outermost, so a refused request changes nothing and is never parsed; its body is
+    read and dropped (up to `max_bytes`), so the client gets the 401 instead of a reset.
+    """
+
+    def __init__(self, app: Any, token: str, max_bytes: int) -> None:
+        self.app, self.token, self.max_bytes = app, token, max_bytes
+        self.warned: set[str] = set()  # clients already warned about (one line each)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = next((value.decode("latin-1") for key, value in scope["headers"]
+                       if key.lower() == b"authorization"), None)
+        if bearer_matches(header, self.token):
+            await self.app(scope, receive, send)
+            return
+        client = str((scope.get("client") or ("?",))[0])
+        level = logging.DEBUG if client in self.warned else logging.WARNING
+        if len(self.warned) < 1000:
+            self.warned.add(client)
+        log.log(level, "refused %s %s from %s: %s bearer token (401; later refusals of this "
+                "client are logged at debug level)", scope.get("method"), scope.get("path"),
+                client, "wrong" if header else "no")
+        dropped, more = 0, True
+        while more and dropped <= self.max_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            dropped += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        await _error(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
+                          f"with the server's shared secret (${API_TOKEN_ENV})",
+                     headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
 def create_app(max_queue_sequences: int = 4096,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20, queue_db: str = MEMORY,
-               lease_timeout: float = DEFAULT_LEASE_TIMEOUT_S) -> FastAPI:
+               lease_timeout: float = DEFAULT_LEASE_TIMEOUT_S,
+               api_token: str | None = None) -> FastAPI:
     """Build the API around a TrajectoryQueue (tests and main() both use this): a fresh one,
-    or the one stored in the SQLite file `queue_db`."""
+    or the one stored in the SQLite file `queue_db`. With `api_token` every request must
+    carry it as a bearer token (`BearerAuth`)."""
     queue = TrajectoryQueue(max_queue_sequences, queue_db, lease_timeout)
     app = FastAPI(title="example-trainer trajectory API (Atropos run-api protocol)")
     app.state.queue = queue
     app.add_middleware(RequestBodyLimit, max_bytes=max_request_bytes)
+    if api_token:  # added last, so it runs first: before the body is read or parsed
+        app.add_middleware(BearerAuth, token=api_token, max_bytes=max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
