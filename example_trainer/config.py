@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from environments.transport import api_token, exposed_without_secret, is_loopback
+
 MODES = ("legacy", "shared_vllm", "lora_hotswap", "lora_nccl", "full_nccl")
 LORA_MODES = ("lora_hotswap", "lora_nccl")
 TRAINS_CHOICES = ("full", "lora")  # what a mode declares it trains (its TRAINS)
@@ -135,6 +137,10 @@ class TrainConfig:
     vllm_url: str = opt("", "Use a vLLM server you started yourself (e.g. "
                         "http://127.0.0.1:9001) instead of starting one.", group="vllm")
     vllm_port: int = opt(9001, "Port of the vLLM server the trainer starts.", group="vllm")
+    vllm_host: str = opt("127.0.0.1", "Address the vLLM server the trainer starts listens on; "
+                         "any other than loopback needs the shared secret in "
+                         "EXAMPLE_TRAINER_API_TOKEN (vLLM's API key, on every route).",
+                         group="vllm")
     vllm_gpu_memory_utilization: float = opt(0.45, "GPU memory share for vLLM (GPU only).",
                                              group="vllm")
     vllm_tensor_parallel_size: int = opt(1, "vLLM tensor parallel size (GPU only).",
@@ -293,6 +299,8 @@ class TrainConfig:
              "embedded model")
         if self.resume:
             need(Path(self.resume).exists(), f"--resume {self.resume!r} does not exist")
+        need(bool(self.vllm_url) or is_loopback(self.vllm_host) or api_token() is not None,
+             exposed_without_secret("vLLM", self.vllm_host, "--vllm-host", token_flag=False))
         return self
 
 

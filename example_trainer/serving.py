@@ -61,8 +61,8 @@ def start_vllm(cfg: TrainConfig, model_path: str | Path, **options: Any) -> VLLM
     The caller owns the server; modes use `VLLM.open` / `run.serve`, which stop it on exit."""
     gpu = torch.cuda.is_available()
     server = VLLMServer(
-        model_path, port=cfg.vllm_port, served_model_name=options.pop("served_model_name",
-                                                                      cfg.served_name),
+        model_path, host=cfg.vllm_host, port=cfg.vllm_port,
+        served_model_name=options.pop("served_model_name", cfg.served_name),
         max_model_len=cfg.max_token_len, enforce_eager=cfg.vllm_enforce_eager,
         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if gpu else None,
         tensor_parallel_size=cfg.vllm_tensor_parallel_size if gpu else None,

