@@ -149,6 +149,30 @@ def _refuse_unauthorized(response: requests.Response, url: str) -> None:
             f"{API_TOKEN_ENV} to the secret the API server was started with")
 
 
+def first_batch_progress(status: dict[str, Any] | None, batch_size: int,
+                         waited_s: float) -> str:
+    """The line the trainer prints while it waits for its first batch: what the API holds
+    against what the batch needs, from a /status answer (None: it did not answer).
+
+    The batch is `batch_size` sequences, and that is what the API serves exactly, so the
+    need is counted in sequences: the trainer does not know the environments' group sizes
+    (groups may even be split to fit). This project's API reports sequences and groups
+    (`queued_sequences`, `queued_groups`); Atropos' run-api only `queue_size`, in groups."""
+    waited = f"({waited_s:.0f} s so far)"
+    if not isinstance(status, dict):
+        return f"waiting for the first batch: the API does not answer /status {waited}"
+    sequences, groups = status.get("queued_sequences"), status.get("queued_groups")
+    if isinstance(sequences, int) and isinstance(groups, int):
+        return (f"waiting for the first batch: the API queue holds {groups} "
+                f"group{'' if groups == 1 else 's'}, {sequences} of the {batch_size} "
+                f"sequences it needs {waited}")
+    groups = status.get("queue_size")
+    if isinstance(groups, int):
+        return (f"waiting for the first batch: the API queue holds {groups} "
+                f"group{'' if groups == 1 else 's'}; it needs {batch_size} sequences {waited}")
+    return f"waiting for the first batch of {batch_size} sequences {waited}"
+
+
 @dataclass
 class FetchStats:
     wait_s: float = 0.0
@@ -193,6 +217,9 @@ class BatchFetcher:
         # Checks run while waiting (e.g. vLLM's health): data waits on vLLM indirectly, so a
         # dead server must fail the wait clearly instead of running out the batch timeout.
         self.watchdogs: list[Callable[[], None]] = []
+        # While the first batch is awaited, say what the API holds this often (a first
+        # batch can take minutes: vLLM starting, environments sampling on a CPU).
+        self.progress_every_s = 10.0
         self._registration = dict(batch_size=batch_size, max_token_len=max_token_len,
                                   num_steps=num_steps, starting_step=starting_step,
                                   checkpoint_dir=checkpoint_dir, wandb_project=wandb_project,
@@ -211,6 +238,14 @@ class BatchFetcher:
     def add_watchdog(self, check: Callable[[], None]) -> None:
         """Run `check()` on every poll while waiting for data; it raises to end the wait."""
         self.watchdogs.append(check)
+
+    def _status_or_none(self) -> dict[str, Any] | None:
+        """/status, or None when the API does not answer it (the progress line says so)."""
+        try:
+            answer = self.client.status()
+        except (requests.RequestException, ValueError):
+            return None
+        return answer if isinstance(answer, dict) else None
 
     def _server_instance(self) -> str | None:
         """The API's instance id (None: unreachable, or a server that has none)."""
@@ -325,6 +360,8 @@ class BatchFetcher:
         start = time.monotonic()
         delay, polls, rejected_before = 0.05, 0, self.rejected_groups
         api_failed = False
+        first = self.handed_out == 0
+        next_progress = start + self.progress_every_s
         while True:
             polls += 1
             recovered, api_failed = api_failed, False  # the API answered after failing
@@ -361,7 +398,11 @@ class BatchFetcher:
                 raise TimeoutError(
                     f"no batch from {self.client.url} within {self.batch_timeout:.0f} s: is an "
                     "environment running and posting scored data? (--batch-timeout)")
-            if polls in (20, 200) or polls % 1000 == 0:
+            if first and time.monotonic() >= next_progress:
+                log.info("%s", first_batch_progress(self._status_or_none(),
+                                                    self._registration["batch_size"], waited))
+                next_progress = time.monotonic() + self.progress_every_s
+            elif not first and (polls in (20, 200) or polls % 1000 == 0):
                 log.info("waiting for data from %s (%.0f s so far)", self.client.url, waited)
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)

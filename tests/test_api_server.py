@@ -286,9 +286,9 @@ def test_reset_clears_everything_and_new_register_takes_effect(url: str) -> None
     assert get(url, "/reset_data") == {"status": "reset"}
     status = get(url, "/status")
     assert status.pop("instance_id") != instance  # a registered trainer sees it, registers again
-    assert status == {"current_step": 0, "queue_size": 0,
-                                   "training_finished": False, "weight_version": None,
-                                   "max_queue_sequences": MAX_QUEUE}
+    assert status == {"current_step": 0, "queue_size": 0, "queued_sequences": 0,
+                      "queued_groups": 0, "training_finished": False, "weight_version": None,
+                      "max_queue_sequences": MAX_QUEUE}
     assert get(url, "/info")["batch_size"] == -1
     assert get(url, "/latest_example") == {}
     response = requests.get(f"{url}/batch", timeout=5)

@@ -339,8 +339,12 @@ class TrajectoryQueue(LeaseMixin):
         return sum(entry.size for entry in self.queue if entry.env_id == env_id)
 
     def status(self) -> dict[str, Any]:
+        """/status. `queue_size` counts sequences here (Atropos' run-api counts groups), so
+        `queued_sequences` and `queued_groups` say both without ambiguity (the trainer's
+        first-batch progress line reads them)."""
         self.expire_leases()
         return {"current_step": self.current_step, "queue_size": self.queued_sequences,
+                "queued_sequences": self.queued_sequences, "queued_groups": len(self.queue),
                 "training_finished": self.finished, "weight_version": self.weight_version,
                 "max_queue_sequences": self.max_queue_sequences,
                 "instance_id": self.instance_id}
