@@ -12,7 +12,9 @@
 #                              (python -m example_trainer.bench; --help lists the flags)
 #
 # Environment: VENV (default .venv), API_PORT (8000), VLLM_PORT (9001), RUN_DIR (runs/<time>),
-# SKIP_SETUP=1 (use the active Python as it is: no install check; the tests use it).
+# SKIP_SETUP=1 (use the active Python as it is: no install check; the tests use it),
+# EXAMPLE_TRAINER_API_TOKEN (shared secret: every process of the run inherits it; README,
+# "Security").
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -119,8 +121,10 @@ wait_for_url() {
   local url=$1 seconds=$2
   for _ in $(seq "$((seconds * 5))"); do
     if python - "$url" <<'EOF' 2>/dev/null; then return 0; fi
-import sys, urllib.request
-urllib.request.urlopen(sys.argv[1], timeout=1)
+import os, sys, urllib.request
+token = os.environ.get("EXAMPLE_TRAINER_API_TOKEN", "").strip()  # the run's shared secret
+headers = {"Authorization": f"Bearer {token}"} if token else {}
+urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers=headers), timeout=1)
 EOF
     sleep 0.2
   done
