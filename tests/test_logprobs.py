@@ -164,3 +164,33 @@ def test_sampled_logprobs_argument_checks():
         a = sampled_token_logprobs(model, ids, attn)
         b = naive_token_logprobs(model, ids, attn, torch.ones(2))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_positions_limit_the_head_to_the_loss_positions():
+    """With `positions` (the loss mask) the wanted log-probs, entropies and the gradient of
+    any loss over them equal the unrestricted ones; the rest come back as exactly 0."""
+    model = _tiny_llama()
+    ids, attn, temps = _batch()
+    mask = torch.zeros(2, 15)
+    mask[0, 5:11] = 1
+    mask[1, 2:4] = 1
+    w = torch.randn(2, 15, generator=torch.Generator().manual_seed(3))
+    model.zero_grad()
+    full, full_ent = sampled_token_logprobs(model, ids, attn, temps, chunk_size=5,
+                                            return_entropy=True)
+    (full * w * mask).sum().backward()
+    g_full = _grads(model)
+    model.zero_grad()
+    part, part_ent = sampled_token_logprobs(model, ids, attn, temps, chunk_size=5,
+                                            return_entropy=True, positions=mask)
+    (part * w * mask).sum().backward()
+    g_part = _grads(model)
+
+    on = mask.bool()
+    torch.testing.assert_close(part[on], full[on], atol=1e-6, rtol=0)
+    torch.testing.assert_close(part_ent[on], full_ent[on], atol=1e-6, rtol=0)
+    assert (part[~on] == 0).all() and (part_ent[~on] == 0).all()
+    for name in g_full:
+        torch.testing.assert_close(g_part[name], g_full[name], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="positions must be"):
+        sampled_token_logprobs(model, ids, attn, temps, positions=mask[:, :-1])
