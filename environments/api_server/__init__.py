@@ -21,7 +21,9 @@ and trainers work against it unchanged, but it fixes the reference server's meas
   Atropos trainers keep delivery-is-acknowledgement;
 - request bodies are capped (`--max-request-mb`, 413 before anything is parsed), gzip bodies
   (`Content-Encoding: gzip`) are accepted and capped after decompression, other encodings
-  get 415 and a broken gzip stream 400.
+  get 415 and a broken gzip stream 400;
+- with a shared secret (`--api-token` or EXAMPLE_TRAINER_API_TOKEN) every request must carry
+  it as a bearer token (401 otherwise), and without one it listens on loopback only.
 
 Modules: `schema` (request models, `check_group`), `queue` (`TrajectoryQueue`: registrations,
 back-pressure, run state; no HTTP), `packing` (exact-size oldest-first batch plans), `leases`
@@ -32,11 +34,11 @@ queue throughput and memory).
 Run: python -m environments.api_server --host 127.0.0.1 --port 8000
 """
 
-from .app import DEFAULT_MAX_REQUEST_MB, RequestBodyLimit, create_app
+from .app import DEFAULT_MAX_REQUEST_MB, BearerAuth, RequestBodyLimit, create_app
 from .queue import (QueueFull, QueueInUse, TrainingFinished, TrajectoryQueue, UnknownEnv,
                     exact_subset, split_group)
 from .schema import GroupError, ScoredData, check_group
 
-__all__ = ["DEFAULT_MAX_REQUEST_MB", "GroupError", "QueueFull", "QueueInUse", "RequestBodyLimit",
+__all__ = ["DEFAULT_MAX_REQUEST_MB", "BearerAuth", "GroupError", "QueueFull", "QueueInUse", "RequestBodyLimit",
            "ScoredData", "TrainingFinished", "TrajectoryQueue", "UnknownEnv", "check_group",
            "create_app", "exact_subset", "split_group"]
