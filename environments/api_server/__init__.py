@@ -40,5 +40,5 @@ from .queue import (QueueFull, QueueInUse, TrainingFinished, TrajectoryQueue, Un
 from .schema import GroupError, ScoredData, check_group
 
 __all__ = ["DEFAULT_MAX_REQUEST_MB", "BearerAuth", "GroupError", "QueueFull", "QueueInUse",
-           "RequestBodyLimit", "ScoredData", "TrainingFinished", "TrajectoryQueue", "UnknownEnv", "check_group",
-           "create_app", "exact_subset", "split_group"]
+           "RequestBodyLimit", "ScoredData", "TrainingFinished", "TrajectoryQueue",
+           "UnknownEnv", "check_group", "create_app", "exact_subset", "split_group"]
