@@ -181,15 +181,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_weights(final: Path, model: torch.nn.Module, tokenizer: Any = None,
                  trainer_state: dict[str, Any] | None = None,
-                 pending: list[list[dict[str, Any]]] | None = None) -> Path:
+                 pending: list[list[dict[str, Any]]] | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write model (+ tokenizer, + trainer state, + untrained batches) to `final` atomically:
     build a hidden sibling directory, fsync it, rename it into place. Re-saving swaps, then
-    deletes; find_checkpoint recovers the old copy if a crash lands between the two renames."""
+    deletes; find_checkpoint recovers the old copy if a crash lands between the two renames.
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if pending:

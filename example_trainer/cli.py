@@ -139,12 +139,13 @@ def _operational_errors() -> tuple[type[BaseException], ...]:
     # Imported here, not at the top: bad flags must fail in a fraction of a second, before
     # torch is imported.
     from .api import ApiUnavailable
+    from .distributed import RankFailed
     from .parity import ParityError
     from .vllm.client import VLLMError
     from .vllm.server import VLLMGone, VLLMStartupError
     from .weight_sync import WeightSyncError
     return (ApiUnavailable, TimeoutError, FileNotFoundError, VLLMStartupError, ParityError,
-            ConfigError, VLLMGone, VLLMError, WeightSyncError)
+            ConfigError, VLLMGone, VLLMError, WeightSyncError, RankFailed)
 
 
 def _mode_source(mode: str) -> Path:
@@ -254,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         config.mode_defaults.items()))
     try:
         train = resolve_mode(config.mode)
+        # Under torchrun: refuse, in one line, a mode or optimizer that cannot run sharded.
+        from .distributed import check_distributed_support, world_size_from_env
+        check_distributed_support(config, world_size_from_env())
     except ConfigError as err:
         build_parser().error(str(err))
     # SIGINT and SIGTERM raise `Interrupted` at the next safe point (never inside an

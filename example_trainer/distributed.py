@@ -1,7 +1,8 @@
 """Data-parallel training on PyTorch's FSDP2 (`fully_shard` over a device mesh).
 
-Foundation only: the pieces a mode needs to train one model on several ranks started by
-`torchrun`; wiring them into the modes comes later (README, "Scale-out (FSDP2) — status").
+The pieces a run needs to train one model on several ranks started by `torchrun`;
+`TrainingRun` (trainer.py) wires them in, so a mode file holds no distributed code. Only
+modes that declare `DATA_PARALLEL = True` (legacy) run on more than one rank today.
 
 * `init_distributed(cfg)` reads torchrun's environment (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`,
   `MASTER_ADDR`, `MASTER_PORT`) and returns a `Dist` (process group, 1-D mesh "dp"; CUDA
@@ -17,6 +18,9 @@ Foundation only: the pieces a mode needs to train one model on several ranks sta
   ranks; `distributed_step` trains this rank's share of its sequences with the weights of a
   single process on the whole batch and all-reduces the metrics, so parameters and the
   step line equal a single process's (`tests/test_distributed_step.py`).
+* `RankZeroFetcher`: rank 0 alone registers with the trajectory API and fetches; every
+  rank gets the same batch (or, when rank 0's wait ends in an error or a signal, the same
+  error), so the loop of a mode runs unchanged on every rank.
 * `check_distributed_support(cfg, world_size)` refuses what cannot work at start-up.
 
 Optimizers sharded (world size > 1): `adamw` yes; `adamw_cpu` yes, as torch's AdamW with
@@ -28,12 +32,13 @@ tensors, not DTensor shards, and its quantisation blocks would follow the shards
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as torch_dist
@@ -65,8 +70,14 @@ class Dist:
         """Rank 0: the only rank that talks to the API, vLLM and the log."""
         return self.rank == 0
 
-    def barrier(self) -> None:
-        torch_dist.barrier()
+    def barrier(self, timeout: float | None = None) -> None:
+        """Wait for every rank. With `timeout` (seconds) on gloo, `monitored_barrier`: a rank
+        that does not arrive in time fails the barrier with an error naming it."""
+        if timeout is not None and self.backend == "gloo":
+            torch_dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout),
+                                         wait_all_ranks=True)
+        else:
+            torch_dist.barrier()
 
     def close(self) -> None:
         if torch_dist.is_initialized():
@@ -98,10 +109,28 @@ def init_distributed(cfg: TrainConfig) -> Dist | None:
         device, backend = torch.device("cpu"), "gloo"
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend, rank=rank, world_size=world,
-                                      device_id=device if use_cuda else None)
+                                      device_id=device if use_cuda else None,
+                                      timeout=collective_timeout(cfg))
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
     log.info("rank %d of %d on %s (%s)", rank, world, device, backend)
     return Dist(rank, world, local_rank, device, backend, mesh)
+
+
+def collective_timeout(cfg: TrainConfig) -> datetime.timedelta:
+    """How long a collective may wait: the other ranks wait in one while rank 0 alone waits
+    for a batch (--batch-timeout) or restarts vLLM (--vllm-startup-timeout), plus
+    --sync-timeout; never below torch's default of 30 minutes."""
+    seconds = cfg.batch_timeout + cfg.vllm_startup_timeout + cfg.sync_timeout
+    return datetime.timedelta(seconds=max(seconds, 1800.0))
+
+
+def mode_runs_sharded(mode: str) -> bool:
+    """The mode file's `DATA_PARALLEL = True`, read from its source without running it (like
+    TRAINS): the mode's sync works from sharded parameters."""
+    import ast
+    from .cli import _mode_source, _module_constant
+    node = _module_constant(_mode_source(mode), "DATA_PARALLEL")
+    return isinstance(node, ast.Constant) and node.value is True
 
 
 def check_distributed_support(cfg: TrainConfig, world_size: int) -> None:
@@ -112,7 +141,14 @@ def check_distributed_support(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             f"shared_vllm cannot run on {world_size} ranks: its trainer parameters are "
             "views of the one copy of the weights vLLM serves on one device, and FSDP shards "
-            "them across ranks; use full_nccl or legacy (full model) or a LoRA mode")
+            "them across ranks; use legacy (full model; full_nccl and the LoRA modes once "
+            "they are wired), or shared_vllm as one process")
+    if not mode_runs_sharded(cfg.mode):
+        raise ConfigError(
+            f"--mode {cfg.mode} does not run on {world_size} ranks yet: its sync is not wired "
+            "to FSDP2's sharded parameters (a mode that is declares DATA_PARALLEL = True); "
+            f"use --mode legacy, or run {cfg.mode} as one process (no torchrun; "
+            "./run.sh --nproc 1)")
     if cfg.optimizer not in SHARDED_OPTIMIZERS:
         why = {"adamw_8bit": "bitsandbytes' 8-bit kernels take plain tensors, not FSDP's "
                              "DTensor shards",
@@ -194,6 +230,8 @@ def shard_model(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, *,
     # gathers the root's parameters (embeddings, final norm, lm_head) and reduces their
     # gradients in the root's forward hooks, so the step runs through the root (step.py).
     model.step_logprobs = functools.partial(_root_logprobs, model)
+    # grpo_step trains this rank's share of each batch (distributed_step) on such a model.
+    model.data_parallel = dist
     log.info("sharded %s over %d ranks (%s%s)", type(model).__name__, dist.world_size,
              f"{low} compute, fp32 shards" if low is not None else "fp32",
              ", CPU offload" if cfg.optimizer == "adamw_cpu" else "")
@@ -306,6 +344,113 @@ def distributed_step(model: torch.nn.Module, optimizer: Any, batch: Batch, dist:
     return {**metrics, **apply_update(model, optimizer, step_cfg, scheduler)}
 
 
+class RankFailed(RuntimeError):
+    """Rank 0 failed in work only it does (the API, vLLM): the other ranks stop with this,
+    naming rank 0's error, instead of waiting for it in the next collective."""
+
+
+def _stop_message(err: BaseException) -> tuple[str, Any]:
+    if isinstance(err, KeyboardInterrupt):
+        return ("interrupted", getattr(err, "signum", None))
+    return ("failed", f"{type(err).__name__}: {err}".splitlines()[0])
+
+
+def raise_stop(stop: tuple[str, Any]) -> None:
+    """On a rank other than 0: raise what `_stop_message` described."""
+    import signal
+    from .checkpoint import Interrupted
+    kind, detail = stop
+    if kind == "interrupted":
+        raise Interrupted(detail or signal.SIGINT)
+    raise RankFailed(f"rank 0 failed ({detail})")
+
+
+def on_main(dist: Dist, work: Callable[[], Any]) -> Any:
+    """Run `work()` on rank 0 only; every rank returns its result, or raises when it failed
+    (rank 0 its own error, the others `RankFailed` or `Interrupted`). Collective."""
+    result: Any = None
+    if dist.is_main:
+        try:
+            result = ("ok", work())
+        except BaseException as err:
+            broadcast_object(dist, _stop_message(err))
+            raise
+    outcome = broadcast_object(dist, result)
+    if outcome[0] != "ok":
+        raise_stop(outcome)
+    return outcome[1]
+
+
+def any_rank_signal(dist: Dist, pending: int | None) -> int:
+    """The signal some rank has received and deferred (0: none); the same on every rank, so
+    all ranks stop at the same step boundary. Collective."""
+    flag = torch.tensor([pending or 0], dtype=torch.int64)
+    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+class RankZeroFetcher:
+    """A BatchFetcher on rank 0, its batches on every rank.
+
+    Rank 0 registers with the API and fetches (`inner`); `next_batch` broadcasts the batch,
+    or the error or signal that ended rank 0's wait (then every rank raises). The fetcher's
+    other duties (leases, weight versions, telling the API that training finished) are rank
+    0's: on other ranks those calls do nothing. `in_flight_step` is known on every rank."""
+
+    def __init__(self, dist: Dist, inner: Any, starting_step: int) -> None:
+        self.dist, self.inner = dist, inner
+        self.starting_step, self.handed_out = starting_step, 0
+        if not dist.is_main:
+            self.replay: list = []
+
+    def next_batch(self) -> Batch:
+        if self.dist.is_main:
+            try:
+                batch = self.inner.next_batch()
+            except BaseException as err:  # the others are waiting for this broadcast
+                broadcast_object(self.dist, _stop_message(err))
+                raise
+            broadcast_object(self.dist, ("ok", batch.to("cpu")))
+        else:
+            kind, batch = broadcast_object(self.dist)
+            if kind != "ok":
+                raise_stop((kind, batch))
+        self.handed_out += 1
+        return batch
+
+    @property
+    def in_flight_step(self) -> int:
+        return self.starting_step + self.handed_out
+
+    def __getattr__(self, name: str) -> Any:
+        # Rank 0: the real fetcher's attributes. Elsewhere: the no-op view (_NOT_MAIN).
+        inner = self.__dict__.get("inner")
+        if inner is not None:
+            return getattr(inner, name)
+        if name in _NOT_MAIN:
+            return _NOT_MAIN[name]
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        inner = self.__dict__.get("inner")
+        if name == "replay" and inner is not None:
+            inner.replay = value
+        else:
+            object.__setattr__(self, name, value)
+
+
+def _nothing(*_: Any, **__: Any) -> None:
+    return None
+
+
+# What the fetcher's rank-0 duties look like on the other ranks.
+_NOT_MAIN: dict[str, Any] = {
+    "publish_weight_version": _nothing, "add_watchdog": _nothing, "finish": _nothing,
+    "checkpoint_saved": _nothing, "flush_acknowledgements": _nothing,
+    "lease_record": _nothing, "metrics": lambda: {}, "untrained": lambda _step: [],
+    "in_flight": None, "in_flight_rng": None, "rejected_groups": 0}
+
+
 def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict on rank 0, in CPU memory (empty on other ranks): for
     syncing a sharded model's weights to vLLM or saving it in Hugging Face format."""
@@ -314,7 +459,9 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                                                                 cpu_offload=True))
 
 
-__all__ = ["Dist", "SHARDED_OPTIMIZERS", "batch_share", "broadcast_batch", "broadcast_object",
-           "build_sharded_optimizer", "check_distributed_support", "decoder_layers",
-           "distributed_step", "gather_full_state_dict", "init_distributed", "rank_rows",
-           "reduce_metrics", "shard_model", "world_size_from_env"]
+__all__ = ["Dist", "RankFailed", "RankZeroFetcher", "SHARDED_OPTIMIZERS", "any_rank_signal",
+           "batch_share", "broadcast_batch", "broadcast_object", "build_sharded_optimizer",
+           "check_distributed_support", "collective_timeout", "decoder_layers",
+           "distributed_step", "gather_full_state_dict", "init_distributed",
+           "mode_runs_sharded", "on_main", "rank_rows", "reduce_metrics", "shard_model",
+           "world_size_from_env"]

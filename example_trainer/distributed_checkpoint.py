@@ -69,6 +69,7 @@ class ShardedCheckpointer(Checkpointer):
         else:  # the same settings, without touching rank 0's directories
             self.root, self.every, self.keep = Path(save_path), every, max(keep, 1)
             self.last_saved_step = None
+            self.on_saved = None
 
     def _is_main(self) -> bool:
         return self.dist is None or self.dist.is_main
@@ -77,7 +78,9 @@ class ShardedCheckpointer(Checkpointer):
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              extra: dict[str, Any] | None = None,
              pending: list[list[dict[str, Any]]] | None = None,
-             rng: dict[str, Any] | None = None) -> Path:
+             rng: dict[str, Any] | None = None, lease: str | None = None) -> Path:
+        """Collective. The arguments are `Checkpointer.save`'s; only rank 0's `pending`,
+        `rng` and `lease` are written (rank 0 alone talks to the API)."""
         import torch.distributed.checkpoint as dcp
         from .distributed import broadcast_object
         final = self.root / f"step-{step:06d}"
@@ -93,7 +96,8 @@ class ShardedCheckpointer(Checkpointer):
         if self._is_main():
             state = {"step": step, "optimizer": None,
                      "scheduler": scheduler.state_dict() if scheduler else None,
-                     "rng": rng or rng_state(), "extra": extra or {}, "format": FORMAT,
+                     "rng": rng or rng_state(), "extra": extra or {}, "lease": lease,
+                     "format": FORMAT,
                      "world_size": self.dist.world_size if self.dist else 1}
             config = getattr(model, "config", None)
             if config is not None and hasattr(config, "save_pretrained"):
@@ -111,6 +115,8 @@ class ShardedCheckpointer(Checkpointer):
             log.info("saved sharded checkpoint %s", final)
         self.last_saved_step = step
         _barrier(self.dist)  # no rank goes on before the checkpoint exists
+        if self._is_main() and self.on_saved is not None:
+            self.on_saved(lease)
         return final
 
 

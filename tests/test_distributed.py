@@ -32,7 +32,7 @@ def test_optimizers_that_cannot_shard_are_refused_in_one_line(optimizer):
 
 @pytest.mark.parametrize("optimizer", SHARDED_OPTIMIZERS)
 def test_sharded_optimizers_pass(optimizer):
-    check_distributed_support(TrainConfig(optimizer=optimizer, mode="lora_nccl"), 4)
+    check_distributed_support(TrainConfig(optimizer=optimizer, mode="legacy"), 4)
 
 
 def test_shared_vllm_is_refused_with_the_reason_and_the_alternative(monkeypatch):

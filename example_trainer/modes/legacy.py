@@ -9,7 +9,9 @@ The environment keeps retrying while the server is down, so no rollout is lost.
 This file is the template for your own mode: copy it, change the two blocks marked "vLLM
 serves" and "sync", and run it with `--mode path/to/my_mode.py:train`. `TRAINS` says what the
 mode trains ("full", or "lora" for an adapter: then LoRA flags apply and the run wraps the
-model with peft). Everything else is shared code. A sync's duties, whatever moves the weights:
+model with peft). `DATA_PARALLEL = True` lets it run on several ranks under torchrun: keep it
+only while the sync goes through `run.save_served_weights` and the handle `run.serve` gives
+(trainer.py's docstring). Everything else is shared code. A sync's duties, whatever moves the weights:
 
 1. After the block, vLLM serves exactly the trainer's weights: `--parity-check` proves it
    after every sync (`run.sync` runs the probe), and every mode's end-to-end test uses it.
@@ -32,6 +34,7 @@ from example_trainer.step import grpo_step
 from example_trainer.trainer import TrainingRun, remove_dir
 
 TRAINS = "full"  # or "lora": read by --mode before the run starts
+DATA_PARALLEL = True  # runs under torchrun (FSDP2): its sync goes through run's helpers
 
 
 def train(cfg: TrainConfig) -> dict:
