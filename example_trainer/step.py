@@ -126,7 +126,7 @@ def token_logprobs(model: torch.nn.Module, mb: Batch, chunk_size: int,
     if compute is None:
         return sampled_token_logprobs(model, mb.input_ids, mb.attention_mask,
                                       mb.temperatures, chunk_size=chunk_size,
-                                      return_entropy=return_entropy)
+                                      return_entropy=return_entropy, positions=mb.loss_mask)
     return compute(mb.input_ids, mb.attention_mask, mb.temperatures, chunk_size=chunk_size,
                    return_entropy=return_entropy)
 
