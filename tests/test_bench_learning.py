@@ -73,20 +73,21 @@ def test_learning_section_rows_and_table():
     row, failed = section["table"]
     assert row == {"mode": "legacy", "status": "ok", "reason": "", "steps": 3,
                    "evaluations": 5, "accuracy_before": 0.15, "first_eval_s": 47.25,
-                   "final_accuracy": 0.62, "final_eval_s": 167.25, "eval_s": 52.0,
+                   "final_accuracy": 0.62, "final_eval_s": 167.25, "setup_s": 7.25,
+                   "eval_s": 52.0,
                    "time_to_0.5_s": 108.25, "time_to_0.7_s": 137.25}
     assert failed == {"mode": "full_nccl", "status": "failed", "reason": "boom"}
     lines = learning.format_learning_table(section).splitlines()
     assert lines[0] == ("| mode | steps | acc. before | s to 0.5 | s to 0.7 | final acc. | "
-                        "s at final eval | first eval s | eval s (apart) |")
-    assert lines[2] == "| legacy | 3 | 0.150 | 108 | 137 | 0.620 | 167 | 47 | 52 |"
-    assert lines[3] == "| full_nccl | failed: boom | - | - | - | - | - | - | - |"
+                        "s at final eval | first eval s | set-up s | eval s (apart) |")
+    assert lines[2] == "| legacy | 3 | 0.150 | 108 | 137 | 0.620 | 167 | 47 | 7 | 52 |"
+    assert lines[3] == "| full_nccl | failed: boom | - | - | - | - | - | - | - | - |"
     # A mode that never reaches a threshold: null in the JSON, "-" in the table.
     never = dict(_report(), eval_curve=EVAL_CURVE[:3])
     section = learning.learning_section({"lora_nccl": never})
     assert section["table"][0]["time_to_0.7_s"] is None
     assert learning.format_learning_table(section).splitlines()[2] == \
-        "| lora_nccl | 3 | 0.150 | 108 | - | 0.550 | 108 | 47 | 33 |"
+        "| lora_nccl | 3 | 0.150 | 108 | - | 0.550 | 108 | 47 | 7 | 33 |"
 
 
 def test_report_text_prints_the_learning_table():

@@ -82,11 +82,12 @@ def threshold_key(threshold: float) -> str:
     return f"time_to_{threshold:g}_s"
 
 
-def learning_row(mode: str, curve: list[dict[str, Any]], steps: int,
+def learning_row(mode: str, curve: list[dict[str, Any]], steps: int, setup_s: float = 0.0,
                  thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, Any]:
     """One row of the learning table: steps trained, accuracy before and at the end, the
     time of the first and the last evaluation, time to each threshold (None if never
-    reached) and the evaluation seconds kept off the clock."""
+    reached), the set-up before the trainer's own clock and the evaluation seconds kept
+    off the clock."""
     first, last = (curve[0], curve[-1]) if curve else (None, None)
     row: dict[str, Any] = {
         "mode": mode, "status": "ok", "reason": "", "steps": steps,
@@ -94,7 +95,7 @@ def learning_row(mode: str, curve: list[dict[str, Any]], steps: int,
         "accuracy_before": first["accuracy"] if first and first["step"] == 0 else None,
         "first_eval_s": first["s"] if first else None,
         "final_accuracy": last["accuracy"] if last else None,
-        "final_eval_s": last["s"] if last else None,
+        "final_eval_s": last["s"] if last else None, "setup_s": round(setup_s, 2),
         "eval_s": round(sum(p["eval_s"] for p in curve), 2)}
     for threshold in thresholds:
         row[threshold_key(threshold)] = time_to(curve, threshold)
@@ -116,7 +117,8 @@ def learning_section(results: dict[str, dict[str, Any]],
         curve = accuracy_curve(result, setup)
         modes[mode] = {"setup_s": round(setup, 2), "accuracy": curve,
                        "reward": reward_curve(result.get("steps", []), setup)}
-        table.append(learning_row(mode, curve, len(result.get("steps", [])), thresholds))
+        table.append(learning_row(mode, curve, len(result.get("steps", [])), setup,
+                                  thresholds))
     return {"clock": CLOCK, "thresholds": list(thresholds), "modes": modes, "table": table}
 
 
@@ -128,7 +130,7 @@ def format_learning_table(section: dict[str, Any]) -> str:
     """A markdown table, one row per mode; a threshold never reached shows as "-"."""
     thresholds = section["thresholds"]
     columns = ["mode", "steps", "acc. before", *[f"s to {t:g}" for t in thresholds],
-               "final acc.", "s at final eval", "first eval s", "eval s (apart)"]
+               "final acc.", "s at final eval", "first eval s", "set-up s", "eval s (apart)"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in section["table"]:
         if row["status"] != "ok":
@@ -138,7 +140,8 @@ def format_learning_table(section: dict[str, Any]) -> str:
             cells = [row["mode"], str(row["steps"]), _cell(row["accuracy_before"], ".3f"),
                      *[_cell(row[threshold_key(t)], ".0f") for t in thresholds],
                      _cell(row["final_accuracy"], ".3f"), _cell(row["final_eval_s"], ".0f"),
-                     _cell(row["first_eval_s"], ".0f"), _cell(row["eval_s"], ".0f")]
+                     _cell(row["first_eval_s"], ".0f"), _cell(row["setup_s"], ".0f"),
+                     _cell(row["eval_s"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
