@@ -186,7 +186,9 @@ def test_bench_runs_every_mode_and_writes_json_and_chart(tiny_model_dir, tmp_pat
     cmd = [sys.executable, "-m", "example_trainer.bench", "--model", str(tiny_model_dir),
            "--steps", "1", "--batch-size", "8", "--group-size", "4", "--max-tokens", "12",
            "--partial-credit", "0.5", "--reference-rounds", "3", "--mode-timeout", "600",
-           "--out", str(out), "--", "--max-token-len", "128", "--dtype", "float32"]
+           "--out", str(out), "--", "--max-token-len", "128", "--dtype", "float32",
+           # the learning view from the trainers' own evaluations (before and after the step)
+           "--eval-size", "4", "--eval-every", "1", "--eval-max-tokens", "8"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -245,3 +247,18 @@ def test_bench_runs_every_mode_and_writes_json_and_chart(tiny_model_dir, tmp_pat
         if rows[mode]["status"] == "ok":
             assert rows[mode]["x_broadcast"] > 0 and rows[mode]["sync_bytes_per_s"] > 0
     assert os.path.isfile(os.path.join(report["modes"]["legacy"]["logs"], "trainer.log"))
+
+    # The learning view: each mode's evaluations before (step 0) and after its step, and its
+    # step's reward, on one clock from the trainer's start; the table in the text report.
+    assert (out / "learning.png").read_bytes()[:8] == PNG_MAGIC
+    learning = report["learning"]
+    table = {row["mode"]: row for row in learning["table"]}
+    assert list(table) == list(MODES) and "| s to 0.5 | s to 0.7 |" in report["text"]
+    for mode in (m for m in MODES if rows[m]["status"] == "ok"):
+        curves, row = learning["modes"][mode], table[mode]
+        assert curves["setup_s"] > 0, (mode, curves)
+        assert [p["step"] for p in curves["accuracy"]] == [0, 1], (mode, curves)
+        before, after = curves["accuracy"]
+        assert curves["setup_s"] < before["s"] < curves["reward"][0]["s"] <= after["s"]
+        assert row["steps"] == 1 and row["final_accuracy"] == after["accuracy"]
+        assert {"time_to_0.5_s", "time_to_0.7_s"} <= set(row)
