@@ -143,6 +143,7 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     world_size: int
     bucket_bytes: int
     timeout_s: float = 120.0
+    load: str = "auto"  # the workers' way to load: "auto" (in place) or "layerwise"
 
 
 class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
@@ -171,7 +172,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             master_address=init_info.master_address, master_port=init_info.master_port,
             rank_offset=1, world_size=init_info.world_size,
             bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s,
-            store_prefix=prefix)
+            store_prefix=prefix, load=init_info.load)
         call = _Call(lambda: client.init_weight_transfer_engine(asdict(worker_info)),
                      "/init_weight_transfer_engine")
         try:
@@ -238,8 +239,11 @@ class FullWeightSender:
 
     def __init__(self, client: VLLMClient, model: torch.nn.Module, *, bucket_mib: float,
                  timeout_s: float, workers: int = 1, backend: str = "auto",
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", load: str = "auto") -> None:
+        """`load` (gloo only): "auto" has vLLM's workers load in place where the model
+        allows it, "layerwise" forces vLLM's layerwise reload (benchmarks compare them)."""
         self.client, self.model, self.timeout_s = client, model, timeout_s
+        self.load = load
         self.bucket_bytes = max(1, int(bucket_mib * 2**20))
         self.world_size, self.host = 1 + workers, host
         device = next(model.parameters()).device
@@ -266,7 +270,7 @@ class FullWeightSender:
             info = GlooTrainerInitInfo(master_address=self.host, master_port=port,
                                        world_size=self.world_size,
                                        bucket_bytes=self.bucket_bytes,
-                                       timeout_s=self.timeout_s, rank=0)
+                                       timeout_s=self.timeout_s, load=self.load, rank=0)
             self.engine = WeightTransferTrainerFactory.trainer_init(
                 info, client=self.http, source=ModuleSource(self.model))
         self.broken = False
@@ -314,9 +318,10 @@ class FullWeightSender:
 
 @contextlib.contextmanager
 def generation_paused(client: VLLMClient, how: str) -> Iterator[None]:
-    """Around a full update. vLLM's layerwise reload leaves the model's layers empty between
-    `/start_weight_update` and `/finish_weight_update` (separate calls, each between engine
-    steps), so no engine step may run in between, whatever `--sync-pause` says: 'wait'
+    """Around a full update. Between `/start_weight_update` and `/finish_weight_update`
+    (separate calls, each between engine steps) vLLM's model is half updated (in place on
+    CPU: embeddings and norms new, linears still on their old packed copies; layerwise:
+    layers empty), so no engine step may run in between, whatever `--sync-pause` says: 'wait'
     drains running requests first; 'none' only freezes them (`/pause?mode=keep`, tens of
     ms) for the update, and the prefix-cache reset then preempts them, so vLLM recomputes
     them under the new weights (as lora_nccl's 'none' does)."""

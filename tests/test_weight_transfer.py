@@ -39,12 +39,14 @@ def test_plan_respects_bucket_size_and_order():
 
 
 class Tiny(torch.nn.Module):
-    """Mixed dtypes and shapes, a tied weight (sent once), one tensor above the bucket."""
+    """Mixed dtypes and shapes, a tied weight (sent once), one tensor above the bucket,
+    enough tensors for several packed buckets."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(64, 16)  # 4 KiB: larger than the bucket below
         self.proj = torch.nn.Linear(16, 8)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 12) for _ in range(4))
         self.norm = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
         self.scale = torch.nn.Parameter(torch.randn(3, 5, dtype=torch.float16))
         self.head = torch.nn.Linear(16, 64, bias=False)
@@ -52,16 +54,34 @@ class Tiny(torch.nn.Module):
 
 
 class FakeGroup:
-    """Stands in for the gloo group: the worker's broadcast receives what the trainer's sent."""
+    """Stands in for the gloo group: the worker's broadcast receives what the trainer's sent.
+    `storages`: the receive buffers the worker used, kept alive so that no address is
+    reused and each address is one buffer."""
 
     def __init__(self, sent: list[torch.Tensor]) -> None:
         self.sent = sent
+        self.storages: dict[int, torch.UntypedStorage] = {}
 
     def broadcast(self, tensors: list[torch.Tensor], opts: object) -> SimpleNamespace:
         data = self.sent.pop(0)
         assert tensors[0].dtype == torch.uint8 and tensors[0].numel() == data.numel()
         tensors[0].copy_(data)
+        storage = tensors[0].untyped_storage()
+        self.storages[storage.data_ptr()] = storage
         return SimpleNamespace(wait=lambda: None)
+
+
+class Receiver(torch.nn.Module):
+    """A model with no vLLM layers (nothing to re-pack): `load_weights` keeps copies of what
+    it is handed, as a weight loader copies out of the bucket, and names them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded: list[tuple[str, torch.Tensor]] = []
+
+    def load_weights(self, pairs: list[tuple[str, torch.Tensor]]) -> set[str]:
+        self.loaded.extend((n, t.clone()) for n, t in pairs)
+        return {n for n, _ in pairs}
 
 
 def worker_engine(model: torch.nn.Module, bucket_bytes: int) -> GlooWeightTransferEngine:
@@ -96,17 +116,21 @@ def test_round_trip_is_exact_with_one_bucket_of_extra_memory():
     assert count == len(sent) > 2
     assert len(buffers) == 1  # one bucket buffer, reused: never a second copy of the model
 
-    loaded: list[tuple[str, torch.Tensor]] = []
-    receiver = SimpleNamespace(load_weights=lambda pairs: loaded.extend(
-        (n, t.clone()) for n, t in pairs))
+    receiver = Receiver()
     engine = worker_engine(receiver, bucket_bytes)
-    engine.group = FakeGroup(sent)
+    engine.group = group = FakeGroup(sent)
+    packed = sum(bucket.numel() <= bucket_bytes for bucket in sent)
+    engine.start_weight_update()  # in place: no layer here to rebuild or re-pack
     engine.update_weights({"names": [m.name for m in meta],
                            "dtype_names": [str(m.dtype).removeprefix("torch.") for m in meta],
                            "shapes": [list(m.shape) for m in meta]})
+    engine.finish_weight_update()
     assert not sent  # every bucket consumed
-    assert [n for n, _ in loaded] == [m.name for m in meta]
-    for name, tensor in loaded:
+    # Received in place: two buffers in turn for the packed buckets (one in flight while
+    # the other is loaded), a buffer of its own for each tensor above the bucket size.
+    assert packed > 2 and len(group.storages) == 2 + (count - packed)
+    assert [n for n, _ in receiver.loaded] == [m.name for m in meta]
+    for name, tensor in receiver.loaded:
         expected = params[name]
         assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, name
         assert torch.equal(tensor, expected.detach()), name

@@ -6,18 +6,34 @@ vLLM's weight-transfer API (`/init_weight_transfer_engine`, `/start_weight_updat
 need CUDA. This module is the engine registered as `example_gloo` (by the
 `vllm.general_plugins` entry point `example_trainer.vllm.plugin:register`, which vLLM runs in
 every one of its processes): packed byte buckets broadcast from the trainer (rank 0) over a
-standalone gloo group, loaded the way vLLM's NCCL engine loads them (layerwise reload:
-`model.load_weights` per bucket, `finalize_layerwise_reload` at the end, which re-runs
-`process_weights_after_loading` and so re-packs vLLM-CPU's oneDNN copies of the linears).
-A tied lm_head is not re-packed by the reload (docs/vllm-cpu.md, "Packed linears"), so the
-finish re-dispatches it from the freshly loaded embedding.
+standalone gloo group, in checkpoint format (the trainer's Hugging Face names and shapes),
+handed to the model's own `load_weights` (its name mapping and weight loaders).
 
-Every wait has a timeout: the rendezvous (TCPStore and gloo), each bucket's broadcast.
+Two ways to load, chosen at `/start_weight_update`:
+
+- in place (the default, `load="auto"`, whenever every layer's post-load processing is a
+  plain re-pack: unquantized linears and embeddings, no MLA, no model-level hook): each
+  received tensor is copied by its weight loader straight into the served parameter. vLLM-CPU
+  multiplies from packed copies and has emptied each linear's `weight` after packing
+  (docs/vllm-cpu.md, "Packed linears"), so the start gives every such linear its weight
+  tensor back (rebuilt from vLLM's own reload metadata, weight loader included) and the
+  finish runs the same `process_weights_after_loading` the initial load ran, once per
+  layer: the re-pack, which frees the unpacked weight again. The served model is exactly
+  what a fresh load of the same weights gives. Two receive buffers are reused in turn.
+- layerwise (`load="layerwise"`, or a model that needs more than a re-pack, e.g. a quantized
+  one): vLLM's layerwise reload, as its NCCL engine does (`initialize_layerwise_reload`;
+  each layer rebuilt from the meta device, loaded, processed and copied back when complete;
+  `finalize_layerwise_reload`). A tied lm_head is not re-packed by it, so the finish
+  re-dispatches it. It costs about twice the in-place load on CPU (README, "full_nccl sync
+  (CPU)").
+
+Between the start and the finish the model mixes old and new weights either way, so no
+engine step may run (the trainer pauses generation). Every wait has a timeout: the
+rendezvous (TCPStore and gloo), each bucket's broadcast.
 
 The bucket plan is computed on both sides from the same metadata (`plan_buckets`), so the
 wire carries nothing but bytes. Runs inside vLLM's worker: imports only torch and vLLM.
 """
-
 from __future__ import annotations
 
 import datetime
@@ -108,9 +124,13 @@ def unpack(bucket: torch.Tensor, plan: Bucket, shapes: Sequence[Sequence[int]],
     return out
 
 
+LOAD_MODES = ("auto", "layerwise")
+
+
 @dataclass
 class GlooInitInfo(WeightTransferInitInfo):
-    """What the trainer sends to `/init_weight_transfer_engine` (all must agree)."""
+    """What the trainer sends to `/init_weight_transfer_engine` (all must agree).
+    `load`: "auto" (in place where the model allows it) or "layerwise" (vLLM's reload)."""
 
     master_address: str
     master_port: int
@@ -119,6 +139,11 @@ class GlooInitInfo(WeightTransferInitInfo):
     bucket_bytes: int
     timeout_s: float = 120.0
     store_prefix: str = "example_gloo"
+    load: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.load not in LOAD_MODES:
+            raise ValueError(f"load must be one of {LOAD_MODES}, got {self.load!r}")
 
 
 @dataclass
@@ -136,7 +161,7 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
 
 
 class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
-    """Receives packed buckets over gloo and loads them with vLLM's layerwise reload."""
+    """Receives packed buckets over gloo and loads them in place (or layerwise)."""
 
     init_info_cls = GlooInitInfo
     update_info_cls = GlooUpdateInfo
@@ -147,7 +172,13 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.group: Any = None
         self.bucket_bytes = 0
         self.timeout_s = 120.0
+        self.load = "auto"
         self.stats: dict[str, float] = {}
+        # Set by start_weight_update: the layers to re-process at the finish (in place),
+        # or None (layerwise reload); the weights rebuilt empty, which must all be loaded.
+        self._in_place: list[torch.nn.Module] | None = None
+        self._restored: set[str] = set()
+        self._loaded: set[str] | None = None
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         """Join the trainer's group; this worker's rank follows vLLM's (as NCCL's does)."""
@@ -155,17 +186,28 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         pc = self.parallel_config
         rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
         self.bucket_bytes, self.timeout_s = init_info.bucket_bytes, init_info.timeout_s
+        self.load = init_info.load
         self.group = make_group(init_info.master_address, init_info.master_port,
                                 init_info.store_prefix, rank, init_info.world_size, "gloo",
                                 init_info.timeout_s)
         log.info("joined weight-transfer group %s:%d as rank %d of %d (gloo, %d MiB "
-                 "buckets)", init_info.master_address, init_info.master_port, rank,
-                 init_info.world_size, init_info.bucket_bytes >> 20)
+                 "buckets, load %s)", init_info.master_address, init_info.master_port, rank,
+                 init_info.world_size, init_info.bucket_bytes >> 20, self.load)
 
     def start_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+        """In place: give each packed linear its weight tensor back. Layerwise: vLLM's."""
         self.stats = {"start": time.perf_counter()}
-        initialize_layerwise_reload(self.model)
+        blockers = in_place_blockers(self.model) if self.load == "auto" else ["load=layerwise"]
+        if blockers:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+            log.info("weight update through vLLM's layerwise reload (%s)",
+                     "; ".join(blockers[:3]))
+            self._in_place = None
+            initialize_layerwise_reload(self.model)
+        else:
+            self._in_place, self._restored = restore_removed_weights(self.model)
+            self._loaded = set()
+        self.stats["start_s"] = time.perf_counter() - self.stats["start"]
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         """The base method ends with `torch.accelerator.synchronize()`, which raises on
@@ -176,49 +218,73 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         """Receive every bucket (each wait bounded by the timeout) and hand its tensors to
-        the model's own `load_weights`; views keep each bucket alive until its layer is
-        processed."""
+        the model's own `load_weights`. The next bucket's receive is posted before this one
+        is loaded, so the transfer overlaps the load. In place, the weight loaders copy out
+        of the bucket at once, so two packed buffers serve the whole update; layerwise
+        keeps views of each bucket until its layer is processed, so each gets its own."""
         if self.group is None:
             raise RuntimeError("update_weights before init_weight_transfer_engine")
         dtypes = [getattr(torch, d) for d in update_info.dtype_names]
         sizes = [nbytes_of(s, d) for s, d in zip(update_info.shapes, dtypes)]
         plans = plan_buckets(sizes, self.bucket_bytes)
+        reuse = self._in_place is not None
+        spare: list[torch.Tensor] = []  # packed buffers free for the next receive
+        packed_bytes = max((p.nbytes for p in plans if not p.direct), default=0)
+
+        def post(plan: Bucket) -> tuple[torch.Tensor, Any]:
+            if plan.direct or not reuse:
+                buffer = torch.empty(plan.nbytes, dtype=torch.uint8)
+            else:
+                buffer = spare.pop() if spare else torch.empty(packed_bytes, dtype=torch.uint8)
+            return buffer, self._post(buffer[:plan.nbytes])
+
         t0 = time.perf_counter()
         receive_s = 0.0
-        # The next bucket's receive is posted before this one is loaded, so the transfer
-        # overlaps the load (two buckets in flight here; the trainer still packs one).
-        pending = self._post(plans[0]) if plans else None
+        pending = post(plans[0]) if plans else None
         for i, plan in enumerate(plans):
-            bucket, work = pending
+            buffer, work = pending
             t1 = time.perf_counter()
             work.wait()  # bounded by the broadcast's own timeout
             receive_s += time.perf_counter() - t1
-            pending = self._post(plans[i + 1]) if i + 1 < len(plans) else None
-            self.model.load_weights(
-                [(update_info.names[i], t)
-                 for i, t in unpack(bucket, plan, update_info.shapes, dtypes)])
+            pending = post(plans[i + 1]) if i + 1 < len(plans) else None
+            loaded = self.model.load_weights(
+                [(update_info.names[j], t)
+                 for j, t in unpack(buffer[:plan.nbytes], plan, update_info.shapes, dtypes)])
+            if self._loaded is not None and loaded is not None:
+                self._loaded.update(loaded)
+            if reuse and not plan.direct:
+                spare.append(buffer)
         self.stats |= {"receive_s": receive_s,
                        "load_s": time.perf_counter() - t0 - receive_s}
 
-    def _post(self, plan: Bucket) -> tuple[torch.Tensor, Any]:
-        """Start receiving one bucket (from rank 0, with the transfer's timeout)."""
-        bucket = torch.empty(plan.nbytes, dtype=torch.uint8)
+    def _post(self, bucket: torch.Tensor) -> Any:
+        """Start receiving one bucket into `bucket` (from rank 0, with the timeout)."""
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
         opts.timeout = datetime.timedelta(seconds=self.timeout_s)
-        return bucket, self.group.broadcast([bucket], opts)
+        return self.group.broadcast([bucket], opts)
 
     def finish_weight_update(self) -> None:
-        """Finish the layerwise reload (re-packs each processed linear on CPU), then
-        re-pack a tied lm_head, which the reload leaves on its old packed copy."""
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        """In place: re-process (re-pack) every loaded layer once. Layerwise: finish vLLM's
+        reload, then re-pack a tied lm_head, which the reload leaves on its old copy."""
         t0 = time.perf_counter()
-        finalize_layerwise_reload(self.model, self.model_config)
-        if self.device.type == "cpu":
-            repack_tied_lm_head(self.model)
+        layers, self._in_place = self._in_place, None
+        loaded, self._loaded = self._loaded, None
+        if layers is not None:
+            missing = sorted(self._restored - loaded) if loaded else []
+            if missing:  # re-packing them would serve uninitialized memory
+                raise RuntimeError(f"the update did not load {len(missing)} weights "
+                                   f"(e.g. {missing[0]}); vLLM keeps serving their old "
+                                   "packed copies")
+            reprocess(layers)
+        else:
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+            finalize_layerwise_reload(self.model, self.model_config)
+            if self.device.type == "cpu":
+                repack_tied_lm_head(self.model)
         self.stats["finish_s"] = time.perf_counter() - t0
-        log.info("weight update: %s", {k: round(v, 4) for k, v in self.stats.items()
-                                         if k != "start"})
+        log.info("weight update (%s): %s", "layerwise" if layers is None else "in place",
+                 {k: round(v, 4) for k, v in self.stats.items() if k != "start"})
 
     def shutdown(self) -> None:
         group, self.group = self.group, None
@@ -227,6 +293,80 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
                 group.shutdown()
             except RuntimeError as exc:  # the trainer already went away
                 log.warning("weight-transfer group shutdown: %s", exc)
+
+
+def _repack_only_methods() -> tuple[type, ...]:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    return UnquantizedLinearMethod, UnquantizedEmbeddingMethod
+
+
+def in_place_blockers(model: torch.nn.Module) -> list[str]:
+    """Why `model` cannot be loaded in place (empty: it can). In place is exact only when
+    every layer's post-load processing is a re-pack of its own weight: unquantized linear
+    and embedding methods (exact types, not subclasses), no MLA attention (it decompresses
+    weights after loading), no model-level post-load hook."""
+    from vllm.model_executor.layers.attention import MLAAttention
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+    allowed = _repack_only_methods()
+    blockers = []
+    if hasattr(model, "process_weights_after_loading"):
+        blockers.append(f"{type(model).__name__} has a model-level post-load hook")
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, QuantizeMethodBase) and type(method) not in allowed:
+            blockers.append(f"{name}: {type(method).__name__}")
+        elif isinstance(module, MLAAttention):
+            blockers.append(f"{name}: MLAAttention")
+    return blockers
+
+
+def _layers_to_reprocess(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every linear and LM head (their packed copies, or on GPU nothing, follow the
+    weight). The input embedding is left out: it looks rows up in `weight` directly."""
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    return [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
+
+
+@torch.no_grad()
+def restore_removed_weights(model: torch.nn.Module
+                            ) -> tuple[list[torch.nn.Module], set[str]]:
+    """Give every layer whose weight vLLM-CPU emptied after packing an (uninitialized)
+    weight of its load-time shape, class and attributes (weight loader included), from the
+    metadata vLLM records for reloading. Returns the layers to re-process at the finish
+    and the names of the weights rebuilt (the update must load each of them). Nothing is
+    rebuilt where the weight is still there (GPU, embeddings, LM heads)."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+    from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
+    from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
+    layers = _layers_to_reprocess(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    restored = set()
+    for layer in layers:
+        weight = getattr(layer, "weight", None)
+        if weight is None or weight.numel():
+            continue
+        info = get_layerwise_info(layer)
+        meta = info.restore_metadata[0].get("weight")
+        if meta is None or not meta.numel():
+            raise RuntimeError(f"{type(layer).__name__} has an empty weight and no reload "
+                               "metadata to restore it from")
+        with info.restore_device:
+            weight = restore_layer_refs(materialize_meta_tensor(meta), layer)
+        setattr(layer, "weight", weight)
+        restored.add(f"{names[id(layer)]}.weight")
+    return layers, restored
+
+
+@torch.no_grad()
+def reprocess(layers: list[torch.nn.Module]) -> None:
+    """Run each layer's own post-load processing (vLLM-CPU: re-pack the weight, then empty
+    a linear's `weight` again), as vLLM's loader does after a load."""
+    for layer in layers:
+        layer.quant_method.process_weights_after_loading(layer)
+        if hasattr(layer, "update_param_tp_status"):
+            layer.update_param_tp_status()
 
 
 def repack_tied_lm_head(model: torch.nn.Module) -> int:
