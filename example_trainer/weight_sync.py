@@ -5,12 +5,18 @@ CUDA) that it shares with the workers' `LoRAReceiver` extension
 (`example_trainer/vllm/worker_extension.py`). `collective_rpc` blocks vLLM's engine loop
 until the broadcast it waits for arrives, so every collective here starts the HTTP call in a
 thread first, then does its own half, then joins the thread (with a timeout).
+
+The adapter's parameters live in the send buckets: `AdapterBroadcaster` re-points each one's
+`.data` at its slice of one flat buffer per dtype, so the optimizer updates the buckets in
+place and a sync has nothing to pack. The prefix-cache reset rides on the same sync: it is
+requested once every worker holds the buckets, and vLLM handles it right after the install.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -20,7 +26,7 @@ import torch
 
 from .vllm.client import VLLMClient
 from .vllm.server import free_port
-from .vllm.worker_extension import broadcast, make_group
+from .vllm.worker_extension import barrier, broadcast, make_group
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def peft_name(name: str) -> str:
     """peft's parameter name -> the name in a saved adapter (what vLLM parses)."""
     return name.replace(".default.", ".")
+
+
+def is_scaled_half(name: str) -> bool:
+    """The half of a LoRA pair vLLM scales by alpha / r when it installs it (lora_B)."""
+    return re.search(r"\.lora_(embedding_)?B(\.|$)", name) is not None
+
+
+def bucket_order(names: list[str]) -> list[int]:
+    """Indices of `names` in send order: the unscaled halves (lora_A) first, then the
+    scaled ones (lora_B), each in model order, so the worker scales one contiguous run."""
+    return sorted(range(len(names)), key=lambda i: is_scaled_half(names[i]))
 
 
 def drop_stale_prefix_cache(client: VLLMClient, *, preempt_running: bool) -> None:
@@ -80,17 +97,19 @@ class _Call:
 
 
 class AdapterBroadcaster:
-    """Holds the group, the packing buckets and the cached parameter list of one adapter."""
+    """Holds the group and the send buckets of one adapter; the adapter's parameters are
+    views into the buckets (when they share a device), so nothing is packed per sync."""
 
     def __init__(self, client: VLLMClient, model: torch.nn.Module, adapter_name: str, *,
                  backend: str = "auto", workers: int = 1, timeout_s: float = 120.0,
                  host: str = "127.0.0.1") -> None:
         self.client, self.name, self.timeout_s = client, adapter_name, timeout_s
         self.world_size, self.host = 1 + workers, host
-        self.params = [(peft_name(n), p) for n, p in model.named_parameters()
-                       if p.requires_grad and "lora_" in n]
-        if not self.params:
+        params = [(peft_name(n), p) for n, p in model.named_parameters()
+                  if p.requires_grad and "lora_" in n]
+        if not params:
             raise ValueError("the model has no trainable LoRA parameters to broadcast")
+        self.params = [params[i] for i in bucket_order([n for n, _ in params])]
         device = self.params[0][1].device
         self.backend = resolve_backend(backend, device)
         bucket_device = device if self.backend == "nccl" else torch.device("cpu")
@@ -104,7 +123,41 @@ class AdapterBroadcaster:
             if isinstance(v, (set, frozenset)) else str(v)))
         self.group: Any = None
         self.version = 0
+        self.layout_sent = False  # specs and config go with a group's first sync only
         self.broken = False  # a sync failed: the workers can't be asked to tear down
+        # Views into the buckets need the buckets on the parameters' device (not so for
+        # CUDA parameters sent over gloo: those are packed every sync).
+        self.aliased = all(p.device == bucket_device for _, p in self.params)
+        self._pointers: list[int] = []
+        self.pack()
+
+    def _alias(self) -> None:
+        """Copy every parameter into its slice of its dtype's bucket and make the slice its
+        storage (`.data`): the parameter object stays the same, so the optimizer, its state,
+        fp32 masters and peft keep working, and every in-place update lands in the bucket."""
+        with torch.no_grad():
+            for group, bucket in zip(self.groups, self.buckets):
+                offset = 0
+                for p in group:
+                    view = bucket[offset:offset + p.numel()].view(p.shape)
+                    view.copy_(p)
+                    p.data = view
+                    offset += p.numel()
+        self._pointers = [p.data_ptr() for _, p in self.params]
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Make the buckets hold the current adapter: nothing to do while the parameters are
+        views into them; otherwise one cat per bucket, or (re-)aliasing."""
+        if self.aliased:
+            if [p.data_ptr() for _, p in self.params] != self._pointers:
+                if self._pointers:  # something replaced a parameter's storage since
+                    log.warning("LoRA parameters no longer live in the send buckets (their "
+                                ".data was replaced); copying them back in")
+                self._alias()
+            return
+        for group, bucket in zip(self.groups, self.buckets):
+            torch.cat([p.detach().reshape(-1) for p in group], out=bucket)
 
     def _rpc(self, method: str, **kwargs: Any) -> _Call:
         return _Call(lambda: self.client.collective_rpc(method, kwargs=kwargs,
@@ -114,6 +167,7 @@ class AdapterBroadcaster:
         """Rendezvous on a fresh port; the prefix is unique per run, so a stale store can't
         be joined. vLLM worker i becomes rank 1 + i."""
         port, prefix = free_port(self.host), f"lora_nccl-{uuid.uuid4().hex}"
+        self.layout_sent = False
         init_method = f"tcp://{self.host}:{port}/{prefix}"
         call = self._rpc("join_weight_group", init_method=init_method, rank_offset=1,
                          world_size=self.world_size, backend=self.backend,
@@ -123,41 +177,58 @@ class AdapterBroadcaster:
         call.join(self.timeout_s + 30)
         log.info("weight-sync group up: %s, %s", init_method, self.backend)
 
-    @torch.no_grad()
-    def pack(self) -> None:
-        """Copy every adapter tensor into its dtype's flat bucket (one cat per bucket)."""
-        for group, bucket in zip(self.groups, self.buckets):
-            torch.cat([p.detach().reshape(-1) for p in group], out=bucket)
+    def sync(self, *, reset_prefix_cache: bool = True,
+             preempt_running: bool = False) -> dict[str, float]:
+        """Send the current adapter; vLLM serves it from its next engine step on.
 
-    def sync(self) -> dict[str, float]:
-        """Send the current adapter; vLLM serves it from its next engine step on."""
+        One rpc does the whole swap: the workers receive the buckets, confirm with a
+        barrier, and install into the active LoRA slot. Once the barrier passed, the rpc is
+        running in vLLM's engine loop, so the prefix-cache reset requested then is handled
+        right after the install, before any engine step (`reset_prefix_cache`; see
+        `drop_stale_prefix_cache` for `preempt_running`). Every wait is bounded by the
+        sync timeout."""
         if self.group is None:
             raise WeightSyncError("sync before join()")
         t0 = time.perf_counter()
         self.pack()
         t1 = time.perf_counter()
-        call = self._rpc("receive_adapter", name=self.name, specs=self.specs,
-                         peft_config=self.peft_config,
-                         bucket_numels=[b.numel() for b in self.buckets])
+        kwargs: dict[str, Any] = {"name": self.name,
+                                  "bucket_numels": [b.numel() for b in self.buckets],
+                                  "dtypes": [DTYPE_NAMES[b.dtype] for b in self.buckets]}
+        if not self.layout_sent:
+            kwargs |= {"specs": self.specs, "peft_config": self.peft_config}
+        call = self._rpc("receive_adapter", **kwargs)
         try:
             for bucket in self.buckets:
                 broadcast(self.group, bucket, self.timeout_s)
+            barrier(self.group, self.buckets[0].device, self.timeout_s)
         except RuntimeError as exc:  # gloo/NCCL: peer gone or timed out
             self.broken = True
             raise WeightSyncError(f"broadcasting the adapter to vLLM's workers failed within "
                                   f"--sync-timeout {self.timeout_s:.0f} s: {exc}. Is vLLM "
                                   "still running? See its log.") from exc
+        t2 = time.perf_counter()
+        reset = (_Call(lambda: drop_stale_prefix_cache(self.client,
+                                                       preempt_running=preempt_running),
+                       "reset_prefix_cache") if reset_prefix_cache else None)
         try:
             results = call.join(self.timeout_s + 30)
         except WeightSyncError:
             self.broken = True
             raise
+        self.layout_sent = True
         if len(results) != self.world_size - 1 or not all(isinstance(r, dict) for r in results):
             raise WeightSyncError(f"receive_adapter: unexpected worker answers {results!r:.500}")
+        t3 = time.perf_counter()
+        if reset is not None:
+            reset.join(self.timeout_s + 30)
         self.version += 1
-        t2 = time.perf_counter()
-        return {"sync/pack_s": t1 - t0, "sync/send_s": t2 - t1,
+        t4 = time.perf_counter()
+        return {"sync/pack_s": t1 - t0, "sync/send_s": t4 - t1,
+                "sync/broadcast_s": t2 - t1,  # rpc start to every worker holding the buckets
                 "sync/install_s": max(r["install_s"] for r in results),
+                "sync/rpc_s": t3 - t1,  # the whole rpc: receive, install, answer
+                "sync/reset_s": t4 - t3,  # the reset's answer after the rpc's
                 # 1 when every worker copied into its active slot (the fast path), 0 when
                 # vLLM rebuilt the adapter (first syncs, after an eviction)
                 "sync/slot_copy": float(all(r.get("path") == "slot copy" for r in results)),

@@ -6,13 +6,15 @@ along each path, interleaved so machine noise hits all of them alike:
 
 - `bare broadcast`: the adapter's buckets over the weight-sync group and nothing else (no
   rpc, no install): the floor any sync over that group can reach;
-- `lora_nccl none|wait`: what the mode's sync does (pack, rpc + broadcast, in-memory install,
-  prefix-cache reset), without pausing generation or inside `/pause?mode=wait` + `/resume`;
+- `lora_nccl none|wait`: what the mode's sync does (one rpc: broadcast, install into the
+  active slot, with the prefix-cache reset handled right after it), without pausing
+  generation or inside `/pause?mode=wait` + `/resume`;
 - `lora_hotswap none|wait`: `save_pretrained` to a new directory, unload + load over HTTP.
 
 Then generation: the same prompts through the adapter as `lora_nccl` installed it and as
 `lora_hotswap` loaded it (the hot-swap must not slow generation down, e.g. through vLLM
-0.32's sticky `load_inplace`). Prints a table with ratios and writes JSON.
+0.32's sticky `load_inplace`). Prints a table with ratios, where a `lora_nccl` sync's time
+goes (medians of the sync's own figures), and writes JSON.
 
     python -m example_trainer.bench.lora_sync                # embedded SmolLM2, r=8
     python -m example_trainer.bench.lora_sync --model DIR --rounds 30 --json out.json
@@ -38,11 +40,15 @@ from ..model import load_model, resolve_model_path
 from ..trainer import pin_trainer_cores, remove_dir, start_vllm, vllm_lora_options
 from ..vllm.client import VLLMClient
 from ..vllm.server import free_port
-from ..weight_sync import EXTENSION, AdapterBroadcaster, drop_stale_prefix_cache
+from ..weight_sync import EXTENSION, AdapterBroadcaster
 
 log = logging.getLogger("example_trainer.bench.lora_sync")
 
 NCCL_NAME, HOTSWAP_NAME = "policy", "hotswap"
+# Where a lora_nccl sync's time goes (AdapterBroadcaster.sync's figures).
+BREAKDOWN = [("pack", "sync/pack_s"), ("rpc start to buckets received", "sync/broadcast_s"),
+             ("install (worker)", "sync/install_s"), ("rpc in all", "sync/rpc_s"),
+             ("reset after the rpc", "sync/reset_s")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,12 +117,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sender.sync()
         adapter_bytes = sum(b.numel() * b.element_size() for b in sender.buckets)
 
-        slot_copies: dict[str, list[float]] = {"none": [], "wait": []}
+        figures: dict[str, list[dict[str, float]]] = {"none": [], "wait": []}
 
         def nccl(pause: str) -> None:
             with client.paused(pause):
-                slot_copies[pause].append(sender.sync()["sync/slot_copy"])
-                drop_stale_prefix_cache(client, preempt_running=pause == "none")
+                figures[pause].append(sender.sync(preempt_running=pause == "none"))
 
         def hotswap(pause: str) -> None:
             nonlocal version
@@ -143,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, fn in list(paths.items())[1:]:
                 times[name].append(timed(fn))
         times = {name: values[1:] for name, values in times.items()}
+        figures = {pause: values[1:] for pause, values in figures.items()}
 
         # Both adapters now hold the same weights: generation speed differs only by path.
         nudge(model, generator)
@@ -168,8 +174,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "lora_rank": args.lora_rank, "adapter_bytes": adapter_bytes,
             "backend": sender.backend, "rounds": args.rounds, "sync_s": times,
             "generation_tokens_per_s": generation,
-            "lora_nccl_slot_copy_share": {k: sum(v) / len(v) for k, v in slot_copies.items()
-                                          if v}}
+            "lora_nccl_slot_copy_share": {k: statistics.fmean(r["sync/slot_copy"] for r in v)
+                                          for k, v in figures.items() if v},
+            "lora_nccl_figures": figures}
 
 
 def report(result: dict[str, Any]) -> str:
@@ -189,6 +196,11 @@ def report(result: dict[str, Any]) -> str:
                      f"{med[f'lora_hotswap {pause}'] / med[f'lora_nccl {pause}']:.2f}x")
     lines.append("lora_nccl syncs that copied straight into vLLM's LoRA slot: " + ", ".join(
         f"{k} {v:.0%}" for k, v in result.get("lora_nccl_slot_copy_share", {}).items()))
+    for pause, records in result.get("lora_nccl_figures", {}).items():
+        if records:
+            lines.append(f"lora_nccl {pause}, inside sync() (median ms): " + ", ".join(
+                f"{label} {statistics.median(r[key] for r in records) * 1e3:.1f}"
+                for label, key in BREAKDOWN))
     gen = {path: statistics.median(v) for path, v in result["generation_tokens_per_s"].items()}
     lines.append(f"generation tokens/s: lora_nccl {gen['lora_nccl']:.1f}, lora_hotswap "
                  f"{gen['lora_hotswap']:.1f} (hotswap / nccl {gen['lora_hotswap'] / gen['lora_nccl']:.2f})")

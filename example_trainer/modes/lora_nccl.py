@@ -2,14 +2,15 @@
 
 vLLM serves the frozen base model (as 'base') and the adapter under `--served-name`
 ('policy'). The name is registered once from disk (`/v1/load_lora_adapter`: the OpenAI layer
-only knows adapters registered that way). Each sync then packs the adapter into flat buckets,
-broadcasts them over a process group shared with vLLM's worker (gloo on CPU, NCCL on GPU)
-and the worker extension `LoRAReceiver` rebuilds the LoRA model from the tensors and swaps
-it in under the same id; the prefix cache is reset because its keys don't change with an
-in-memory swap (docs/vllm-cpu.md). `--sync-pause wait` (default) drains running requests
-first, so no sequence mixes two policies; `none` swaps between engine steps while requests
-run (running ones are preempted and recomputed under the new weights). Either way the new
-weight version is published to the API and environments tag their groups with it.
+only knows adapters registered that way). The adapter's parameters live in flat buckets
+(one per dtype); each sync broadcasts them over a process group shared with vLLM's worker
+(gloo on CPU, NCCL on GPU) and the worker extension `LoRAReceiver` copies them into the
+adapter's active LoRA slot (or rebuilds the LoRA model from them) under the same id; the
+same sync resets the prefix cache, because its keys don't change with an in-memory swap
+(docs/vllm-cpu.md, docs/lora-slot-plan.md). `--sync-pause wait` (default) drains running
+requests first, so no sequence mixes two policies; `none` swaps between engine steps while
+requests run (running ones are preempted and recomputed under the new weights). Either way
+the new weight version is published to the API and environments tag their groups with it.
 
     python -m example_trainer --mode lora_nccl --model DIR --lora-rank 8
 
@@ -26,8 +27,7 @@ from example_trainer.config import TrainConfig
 from example_trainer.serving import VLLM, vllm_lora_options
 from example_trainer.step import grpo_step
 from example_trainer.trainer import TrainingRun, remove_dir
-from example_trainer.weight_sync import (EXTENSION, AdapterBroadcaster,
-                                        drop_stale_prefix_cache)
+from example_trainer.weight_sync import EXTENSION, AdapterBroadcaster
 
 TRAINS = "lora"  # or "full": read by --mode before the run starts
 
@@ -71,9 +71,8 @@ def train(cfg: TrainConfig) -> dict:
                                     run.scheduler)
             if run.sync_due(step):
                 with run.sync(step, metrics), vllm.client.paused(cfg.sync_pause):
-                    metrics |= sender.sync()  # --- sync: broadcast, swap in memory
-                    drop_stale_prefix_cache(vllm.client,
-                                            preempt_running=cfg.sync_pause == "none")
+                    # --- sync: broadcast, swap in memory, reset the prefix cache
+                    metrics |= sender.sync(preempt_running=cfg.sync_pause == "none")
             run.recorder.log(step, metrics)
             run.checkpoints.maybe_save(step, cfg.steps, **run.state())
         run.evaluate("after")
