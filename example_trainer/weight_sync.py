@@ -226,6 +226,8 @@ class AdapterBroadcaster:
         t4 = time.perf_counter()
         return {"sync/pack_s": t1 - t0, "sync/send_s": t4 - t1,
                 "sync/broadcast_s": t2 - t1,  # rpc start to every worker holding the buckets
+                # in the worker, from the rpc's start there to every bucket received
+                "sync/receive_s": max(r["receive_s"] for r in results),
                 "sync/install_s": max(r["install_s"] for r in results),
                 "sync/rpc_s": t3 - t1,  # the whole rpc: receive, install, answer
                 "sync/reset_s": t4 - t3,  # the reset's answer after the rpc's

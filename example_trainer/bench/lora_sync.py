@@ -47,6 +47,7 @@ log = logging.getLogger("example_trainer.bench.lora_sync")
 NCCL_NAME, HOTSWAP_NAME = "policy", "hotswap"
 # Where a lora_nccl sync's time goes (AdapterBroadcaster.sync's figures).
 BREAKDOWN = [("pack", "sync/pack_s"), ("rpc start to buckets received", "sync/broadcast_s"),
+             ("of which receiving (worker)", "sync/receive_s"),
              ("install (worker)", "sync/install_s"), ("rpc in all", "sync/rpc_s"),
              ("reset after the rpc", "sync/reset_s")]
 
