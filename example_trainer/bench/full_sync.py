@@ -6,13 +6,16 @@ extension `TransferBenchExtension`) and one trainer model. Every round nudges th
 
 - `bare broadcast`: the sync's buckets over a gloo group to vLLM's worker and nothing else
   (no load, no re-pack): the transport's floor;
-- `full_nccl`: what the mode's sync does (start, packed buckets, load, finish with the CPU
-  re-pack, prefix-cache reset), inside `/pause?mode=wait` + `/resume`.
+- `full_nccl`: what the mode's sync does (start, packed buckets, load in place, finish with
+  the CPU re-pack, prefix-cache reset), inside `/pause?mode=wait` + `/resume`;
+- `layerwise`: the same sync loaded through vLLM's layerwise reload (the engine's
+  `load="layerwise"`, what vLLM's own NCCL engine does; `--no-layerwise` skips it).
 
-Then the CPU re-pack alone (`floor = bare broadcast + re-pack`), the parity of the last sync
-(it must be exact), the trainer's resident memory during a sync against between syncs
-(sampled every millisecond in a thread), and legacy's sync (save the model, restart vLLM on
-it). Prints ratios (no pass/fail) and writes JSON.
+Then the CPU re-pack alone (`floor = bare broadcast + re-pack`), the parity after the last
+sync of each kind, the trainer's resident memory during a sync
+against between syncs (sampled every millisecond in a thread), vLLM's worker's peak during a
+sync against before it, and legacy's sync (save the model, restart vLLM on it). Prints
+ratios (no pass/fail) and writes JSON.
 
     python -m example_trainer.bench.full_sync                 # embedded SmolLM2-135M
     python -m example_trainer.bench.full_sync --model DIR --rounds 10 --json out.json
@@ -58,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--rounds", type=int, default=10, help="timed syncs per path")
     p.add_argument("--bucket-mib", type=float, default=DEFAULTS.sync_bucket_mib)
+    p.add_argument("--no-layerwise", dest="layerwise", action="store_false",
+                   help="skip the syncs through vLLM's layerwise reload")
     p.add_argument("--legacy-rounds", type=int, default=1, help="timed vLLM restarts "
                    "(legacy's sync; 0 to skip)")
     p.add_argument("--json", default="", help="also write the results here")
@@ -120,9 +125,25 @@ def bare_broadcast(client: Any, sizes: list[int], bucket_bytes: int, rounds: int
     return times[1:]
 
 
+def timed_sync(client: Any, sender: FullWeightSender) -> tuple[float, float, dict[str, float]]:
+    """One full_nccl sync as the mode runs it (inside `/pause?mode=wait`): seconds, the
+    trainer's peak resident GiB during it, and the trainer's split."""
+    t0 = time.perf_counter()
+    with RSSSampler() as rss, client.paused("wait"):
+        parts = sender.sync()
+        drop_stale_prefix_cache(client, preempt_running=False)
+    return time.perf_counter() - t0, rss.peak, parts
+
+
+def worker_memory(client: Any, reset_peak: bool = False) -> dict[str, float]:
+    return client.collective_rpc("full_sync_memory", kwargs={"reset_peak": reset_peak},
+                                 timeout=60)[0]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig(mode="full_nccl", model=args.model, dtype="float32",
                       sync_bucket_mib=args.bucket_mib, max_token_len=512,
+                      vllm_startup_timeout=900.0,  # a shared machine can be slow to start it
                       save_path=tempfile.mkdtemp(prefix="full-sync-bench-"))
     model, tokenizer = load_model(cfg)
     generator = torch.Generator().manual_seed(0)
@@ -138,26 +159,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   timeout_s=cfg.sync_timeout)
         sender.join()
         sizes = [p.numel() * p.element_size() for _, p in model.named_parameters()]
-        times: dict[str, list[float]] = {"bare broadcast": [], "full_nccl": []}
+        times: dict[str, list[float]] = {"bare broadcast": [], "full_nccl": [],
+                                         "layerwise": []}
+        layerwise_engine: list[dict[str, float]] = []
         parts: list[dict[str, float]] = []
-        between, during = [], []
+        engine: list[dict[str, float]] = []  # the worker's split of each update
+        between, during, worker_rise = [], [], []
         log.info("timing %d rounds (%.1f MB per sync, %.0f MiB buckets)", args.rounds,
                  sum(sizes) / 1e6, args.bucket_mib)
         for _ in range(args.rounds + 1):  # the first round warms up both paths
             nudge(model, generator)
             times["bare broadcast"].append(statistics.median(
                 bare_broadcast(client, sizes, sender.bucket_bytes, 2)))
+            if args.layerwise:  # before the in-place sync, so the parity below is its
+                client.collective_rpc("full_sync_set_load", kwargs={"load": "layerwise"},
+                                      timeout=60)
+                times["layerwise"].append(timed_sync(client, sender)[0])
+                layerwise_engine.append(
+                    client.collective_rpc("full_sync_engine_stats", timeout=60)[0])
+                client.collective_rpc("full_sync_set_load", kwargs={"load": "auto"},
+                                      timeout=60)
             between.append(process_memory().get("rss_gib", 0.0))
-            t0 = time.perf_counter()
-            with RSSSampler() as rss, client.paused("wait"):
-                parts.append(sender.sync())
-                drop_stale_prefix_cache(client, preempt_running=False)
-            times["full_nccl"].append(time.perf_counter() - t0)
-            during.append(rss.peak)
-        times = {k: v[1:] for k, v in times.items()}
-        parts, between, during = parts[1:], between[1:], during[1:]
-        parity = check_parity(model, client, default_probe_tokens(tokenizer), atol=1e-4,
-                              served_model=cfg.served_name)
+            before = worker_memory(client, reset_peak=True)
+            seconds, peak, split = timed_sync(client, sender)
+            times["full_nccl"].append(seconds)
+            during.append(peak)
+            parts.append(split)
+            engine.append(client.collective_rpc("full_sync_engine_stats", timeout=60)[0])
+            worker_rise.append(worker_memory(client)["peak_rss_gib"] - before["rss_gib"])
+        times = {k: v[1:] for k, v in times.items() if v}
+        parts, engine, between, during = parts[1:], engine[1:], between[1:], during[1:]
+        worker_rise, layerwise_engine = worker_rise[1:], layerwise_engine[1:]
+        probe = default_probe_tokens(tokenizer)
+        parity = check_parity(model, client, probe, atol=1e-4, served_model=cfg.served_name)
+        parity_layerwise = None
+        if args.layerwise:  # one more version, loaded layerwise
+            nudge(model, generator)
+            client.collective_rpc("full_sync_set_load", kwargs={"load": "layerwise"},
+                                  timeout=60)
+            timed_sync(client, sender)
+            parity_layerwise = check_parity(model, client, probe, atol=1e-4,
+                                            served_model=cfg.served_name)
         repack = [client.collective_rpc("full_sync_repack", timeout=600)[0]["repack_s"]
                   for _ in range(3)]
         legacy = []
@@ -174,19 +216,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sender.close()
         server.stop()
     med = {k: statistics.median(v) for k, v in times.items()}
+
+    def medians(rows: list[dict[str, float]]) -> dict[str, float]:
+        return {k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {}
+
     floor = med["bare broadcast"] + statistics.median(repack)
     result = {
         "machine": machine_info(), "model": model_path, "rounds": args.rounds,
         "bucket_mib": args.bucket_mib, "sync_bytes": sum(sizes), "times_s": times,
         "median_s": med, "repack_s": repack, "floor_s": floor,
-        "full_nccl_parts_median": {k: statistics.median(p[k] for p in parts)
-                                   for k in parts[0]},
+        "full_nccl_parts_median": medians(parts), "engine_parts_median": medians(engine),
         "x_floor": med["full_nccl"] / floor, "parity_max_abs": parity,
+        "layerwise_engine_parts_median": medians(layerwise_engine),
+        "layerwise_x_floor": med["layerwise"] / floor if "layerwise" in med else None,
+        "parity_layerwise_max_abs": parity_layerwise,
         "legacy_sync_s": legacy,
         "x_faster_than_legacy": (statistics.median(legacy) / med["full_nccl"]
                                  if legacy else None),
         "trainer_rss_between_gib": max(between), "trainer_rss_during_gib": max(during),
-        "trainer_rss_extra_mib": (max(d - b for d, b in zip(during, between))) * 1024}
+        "trainer_rss_extra_mib": (max(d - b for d, b in zip(during, between))) * 1024,
+        "worker_rss_rise_mib": max(worker_rise) * 1024}
     return result
 
 
@@ -200,7 +249,14 @@ def report(r: dict[str, Any]) -> str:
              f"= {r['x_floor']:.2f}x the floor  (parts: " + ", ".join(
                  f"{k.removeprefix('sync/')} {v:.3f}" for k, v in
                  r["full_nccl_parts_median"].items() if k.endswith("_s")) + ")",
+             "  in vLLM's worker: " + ", ".join(
+                 f"{k} {v:.3f}" for k, v in r["engine_parts_median"].items()),
              f"  parity after the last sync: max |logprob diff| {r['parity_max_abs']:.2e}"]
+    if r["layerwise_x_floor"] is not None:
+        lines += [f"  through vLLM's layerwise reload {r['median_s']['layerwise']:.3f}"
+                  f" s = {r['layerwise_x_floor']:.2f}x the floor (worker: " + ", ".join(
+                      f"{k} {v:.3f}" for k, v in r["layerwise_engine_parts_median"].items())
+                  + f"); parity {r['parity_layerwise_max_abs']:.2e}"]
     if r["legacy_sync_s"]:
         legacy = statistics.median(r["legacy_sync_s"])
         lines.append(f"  legacy sync (save + vLLM restart) {legacy:.1f} s = "
@@ -208,6 +264,8 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"  trainer RSS: {r['trainer_rss_between_gib']:.3f} GiB between syncs, "
                  f"{r['trainer_rss_during_gib']:.3f} GiB peak during; largest rise in one sync "
                  f"{r['trainer_rss_extra_mib']:.1f} MiB (bucket {r['bucket_mib']:.0f} MiB)")
+    lines.append(f"  vLLM worker: largest rise during a sync {r['worker_rss_rise_mib']:.0f} MiB "
+                 "(peak over the resident size before it)")
     return "\n".join(lines)
 
 

