@@ -9,7 +9,7 @@ thread first, then does its own half, then joins the thread (with a timeout).
 The adapter's parameters live in the send buckets: `AdapterBroadcaster` re-points each one's
 `.data` at its slice of one flat buffer per dtype, so the optimizer updates the buckets in
 place and a sync has nothing to pack. The prefix-cache reset rides on the same sync: it is
-requested once every worker holds the buckets, and vLLM handles it right after the install.
+requested once every worker holds the buckets, while the install runs.
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ class AdapterBroadcaster:
         One rpc does the whole swap: the workers receive the buckets, confirm with a
         barrier, and install into the active LoRA slot. Once the barrier passed, the rpc is
         running in vLLM's engine loop, so the prefix-cache reset requested then is handled
-        right after the install, before any engine step (`reset_prefix_cache`; see
+        right after the install if it arrives before the rpc returns, else after the next
+        engine step at the latest, as a separate call would be (`reset_prefix_cache`; see
         `drop_stale_prefix_cache` for `preempt_running`). Every wait is bounded by the
         sync timeout."""
         if self.group is None:
