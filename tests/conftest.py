@@ -144,7 +144,7 @@ def tiny_trainer_args(model_dir: Path, api_url: str, vllm_port: int, run_dir: Pa
     """Flags for a fast, exact (fp32) end-to-end run on the tiny model."""
     return ["--model", str(model_dir), "--api-url", api_url, "--vllm-port", str(vllm_port),
             "--steps", str(steps), "--batch-size", "8", "--micro-batch-size", "4",
-            "--lr", "1e-3", "--max-token-len", "128", "--dtype", "float32",
+            "--lr", "1e-3", "--sync-every", "1", "--max-token-len", "128", "--dtype", "float32",
             "--save-path", str(run_dir), "--benchmark",
             "--benchmark-json", str(run_dir / "bench.json"), "--parity-check",
             "--eval-size", "4", "--eval-max-tokens", "8", "--batch-timeout", "600"]
