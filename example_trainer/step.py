@@ -256,8 +256,14 @@ def grpo_step(model: torch.nn.Module, optimizer: Any, batch: Batch,
     """One optimizer update from `batch`: `accumulate_gradients` then `apply_update`.
 
     A TrainConfig is still accepted (converted with `StepConfig.from_config`) while callers
-    move to building one StepConfig per run.
+    move to building one StepConfig per run. A model sharded by `distributed.shard_model`
+    (it carries its `data_parallel` Dist) trains this rank's share of `batch`, the same on
+    every rank, with the update and metrics of one process (`distributed_step`).
     """
     step_cfg = as_step_config(step_cfg)
+    dist = getattr(model, "data_parallel", None)
+    if dist is not None:
+        from .distributed import distributed_step  # distributed imports this module
+        return distributed_step(model, optimizer, batch, dist, step_cfg, scheduler)
     metrics = accumulate_gradients(model, batch, step_cfg, optimizer)
     return {**metrics, **apply_update(model, optimizer, step_cfg, scheduler)}
