@@ -4,6 +4,8 @@
 #   ./run.sh [trainer flags]   set up if needed, prepare the default model, start the trajectory
 #                              API, the arithmetic environment and the trainer (which starts
 #                              vLLM), print progress and a final summary
+#   ./run.sh --nproc N [flags] the same with the trainer on N data-parallel ranks (FSDP2),
+#                              launched by torchrun; N=1 (the default) is one plain process
 #   ./run.sh test [pytest args] run the whole test suite (what CI runs)
 #   ./run.sh test-gpu [args]    only the tests marked gpu (they skip without CUDA; on a lent
 #                              GPU machine without this venv: bash scripts/gpu_check.sh)
@@ -139,6 +141,30 @@ TRAINER_ARGS=(--mode legacy --steps 24 --batch-size 16 --micro-batch-size 4 --lr
 ENV_ARGS=(--group-size 8 --max-tokens 32 --concurrency 2)
 
 run_system() {
+  local nproc=1 rest=()
+  while (($#)); do  # --nproc is run.sh's; every other flag goes to the trainer
+    case $1 in
+      --nproc) nproc=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
+      --nproc=*) nproc=${1#*=}; shift ;;
+      *) rest+=("$1"); shift ;;
+    esac
+  done
+  set -- "${rest[@]}"
+  if [[ ! $nproc =~ ^[1-9][0-9]*$ ]]; then
+    log "--nproc takes a number of trainer ranks >= 1, got '$nproc'"; exit 2
+  fi
+  # One rank: a plain process, no process group. Several: torchrun (torch's own launcher,
+  # run as python -m torch.distributed.run so it is this venv's) starts N ranks that shard
+  # the model with FSDP2 over gloo (CPU) or NCCL; each rank gets OMP_NUM_THREADS=1 from it
+  # and the trainer keeps every rank off core 0, vLLM's. On SIGTERM torchrun forwards the
+  # signal to its ranks and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (torch's default 30 is
+  # short for a final checkpoint and stopping vLLM) before it kills them.
+  local trainer=(python -m example_trainer)
+  if ((nproc > 1)); then
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
+    trainer=(python -m torch.distributed.run --standalone --nproc-per-node "$nproc"
+             -m example_trainer)
+  fi
   setup
   trap cleanup EXIT INT TERM
   local api_port=${API_PORT:-8000} vllm_port=${VLLM_PORT:-9001}
@@ -164,8 +190,8 @@ run_system() {
     --tokenizer "$model" --model-name policy "${ENV_ARGS[@]}"
 
   # Its own process group too: Ctrl-C reaches it once, through cleanup (SIGTERM), like a death.
-  log "starting the trainer (it starts vLLM on port $vllm_port); progress follows"
-  setsid python -m example_trainer --model "$model" --api-url "http://127.0.0.1:$api_port" \
+  log "starting the trainer ($nproc rank(s); it starts vLLM on port $vllm_port); progress follows"
+  setsid "${trainer[@]}" --model "$model" --api-url "http://127.0.0.1:$api_port" \
     --vllm-port "$vllm_port" --save-path "$RUN_DIR" \
     --benchmark --benchmark-json "$RUN_DIR/benchmark.json" "${TRAINER_ARGS[@]}" "$@" \
     2> >(trap '' INT; exec tee "$RUN_DIR/trainer.log" >&2) &  # tee outlives Ctrl-C
