@@ -204,7 +204,6 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
             log.info("weight update through vLLM's layerwise reload (%s)",
                      "; ".join(blockers[:3]))
-            self._in_place = None
             initialize_layerwise_reload(self.model)
         else:
             self._in_place = InPlaceUpdate(self.model)
