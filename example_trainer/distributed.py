@@ -240,14 +240,16 @@ def shard_model(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, *,
 
 def _root_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor, temperatures: torch.Tensor | None,
-                   *, chunk_size: int, return_entropy: bool = False) -> Any:
+                   *, chunk_size: int, return_entropy: bool = False,
+                   positions: torch.Tensor | None = None) -> Any:
     """`sampled_token_logprobs` run as the root module's forward, so FSDP's root hooks fire.
 
     Temperatures travel in the closure, not as a forward input: FSDP casts floating inputs
     to the compute dtype, and a bf16 temperature would change the log-probs."""
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         out = sampled_token_logprobs(model, input_ids, attention_mask, temperatures,
-                                     chunk_size=chunk_size, return_entropy=return_entropy)
+                                     chunk_size=chunk_size, return_entropy=return_entropy,
+                                     positions=positions)
         # Not views (B*(T-1) floats): FSDP warns that an in-place op on a view it returns
         # would skip its pre-backward hook.
         return tuple(t.clone() for t in out) if return_entropy else out.clone()

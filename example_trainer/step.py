@@ -119,16 +119,19 @@ class BatchShare:
 
 
 def token_logprobs(model: torch.nn.Module, mb: Batch, chunk_size: int,
-                   return_entropy: bool = False) -> Any:
+                   return_entropy: bool = False, *, loss_positions_only: bool = True) -> Any:
     """Sampled-token log-probs of a micro-batch, through ``model.step_logprobs`` when the
-    model provides one (a sharded model; module docstring)."""
+    model provides one (a sharded model; module docstring). Only the loss mask's positions
+    get the lm_head (the others are 0) unless `loss_positions_only` is False: a pass that
+    must reach every parameter whatever its mask."""
+    positions = mb.loss_mask if loss_positions_only else None
     compute = getattr(model, "step_logprobs", None)
     if compute is None:
         return sampled_token_logprobs(model, mb.input_ids, mb.attention_mask,
                                       mb.temperatures, chunk_size=chunk_size,
-                                      return_entropy=return_entropy, positions=mb.loss_mask)
+                                      return_entropy=return_entropy, positions=positions)
     return compute(mb.input_ids, mb.attention_mask, mb.temperatures, chunk_size=chunk_size,
-                   return_entropy=return_entropy)
+                   return_entropy=return_entropy, positions=positions)
 
 
 def split_batch(batch: Batch, step_cfg: StepConfig) -> Iterator[Batch]:
@@ -183,7 +186,8 @@ def accumulate_gradients(model: torch.nn.Module, batch: Batch | None, step_cfg: 
         context = (last_backward() if is_last and last_backward is not None
                    else contextlib.nullcontext())
         if index >= real:  # a pass only to match the other ranks': zero gradient
-            logprobs = token_logprobs(model, mb.to(device), step_cfg.logprob_chunk_size)
+            logprobs = token_logprobs(model, mb.to(device), step_cfg.logprob_chunk_size,
+                                      loss_positions_only=False)
             with context:
                 (logprobs.nan_to_num() * 0.0).sum().backward()
             continue
