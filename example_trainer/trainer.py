@@ -335,6 +335,10 @@ class TrainingRun:
              "accuracy": accuracy, "eval_s": round(time.perf_counter() - t0, 2)})
         if when in ("before", "after"):
             self.results[f"eval_{when}"] = accuracy
+        if when == "after":  # the figure a first run is judged by: start to final answer
+            self.results["wall_s"] = round(process_seconds(), 1)
+            self.results["eval_s"] = round(sum(p["eval_s"] for p in
+                                               self.results["eval_curve"]), 1)
         log.info("held-out accuracy %s%s: %.3f (%d problems, T=%.1f)", when,
                  " training" if when in ("before", "after") else "", accuracy,
                  self.cfg.eval_size, self.cfg.eval_temperature)
@@ -482,6 +486,10 @@ class TrainingRun:
             lines.append(f"  held-out acc.    {self.results['eval_before']:.3f} -> "
                          f"{self.results.get('eval_after', float('nan')):.3f} "
                          f"(T={self.cfg.eval_temperature})")
+        if "wall_s" in self.results:
+            lines.append(f"  wall time        {self.results['wall_s']:.0f} s from the trainer's "
+                         f"start to the end of the final evaluation (evaluations "
+                         f"{self.results['eval_s']:.0f} s)")
         lines += [f"  mean step time   {mean('step_s'):.2f} s (train {mean('train_s'):.2f}, "
                   f"sync {mean('sync_s'):.2f}, data wait {mean('data_s'):.2f})",
                   f"  rejected groups  {self.fetcher.rejected_groups}",
@@ -534,6 +542,12 @@ def broadcast_or_local(dist: Dist | None, value: Any) -> Any:
 
 def _reraise(err: BaseException) -> None:
     raise err
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (imports, model load and vLLM start-up count)."""
+    import psutil
+    return time.time() - psutil.Process().create_time()
 
 
 def directory_bytes(path: Path) -> int:

@@ -39,6 +39,9 @@ def test_legacy_restarts_vllm_on_new_weights(tiny_model_dir, api_url, tmp_path):
         assert all(r["sync/vllm_startup_s"] > 0 for r in report["steps"])
         assert all(r["custom/my_metric"] == 42.0 for r in report["steps"])
         assert "eval_before" in report and "eval_after" in report
+        # the trainer's whole wall time (start-up included) > the evaluations' share of it
+        assert report["wall_s"] > report["eval_s"] > 0, report
+        assert "wall time" in out.stdout
         # --eval-every 2: the learning curve has before, step 2 and after, on a clock that
         # keeps evaluation apart, and is drawn in the run directory
         curve = report["eval_curve"]
