@@ -26,7 +26,7 @@ from example_trainer.trainer import TrainingRun, remove_dir
 from example_trainer.vllm.client import VLLMClient
 
 TRAINS = "lora"  # or "full": read by --mode before the run starts
-DEFAULTS = {"lr": 2e-3}  # tuned: an adapter wants ~20x full fine-tuning's lr
+DEFAULTS = {"lr": 2e-3}  # tuned: an adapter wants a far larger lr than full fine-tuning
 
 # Requests that vLLM resolved to an older version before a swap still load it from its
 # directory when they run (a removed adapter is re-read from disk; a missing directory kills
