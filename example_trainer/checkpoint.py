@@ -191,7 +191,8 @@ def save_weights(final: Path, model: torch.nn.Module, tokenizer: Any = None,
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
+    # only when given: a model's own save_pretrained need not accept state_dict
+    model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if pending:
