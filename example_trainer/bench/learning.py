@@ -186,8 +186,13 @@ def draw_learning_chart(section: dict[str, Any], path: Path, title: str = "") ->
         ax.grid(alpha=0.3)
         if section["modes"]:
             ax.legend(fontsize=8)
-    failed = [f"{r['mode']} ({r['status']})" for r in section["table"]
-              if r["status"] != "ok"]
+    return save_chart(fig, path, title, section["table"])
+
+
+def save_chart(fig: Any, path: Path, title: str, rows: list[dict[str, Any]]) -> Path:
+    """Title (naming the modes that did not run), lay out, write and close a bench chart."""
+    import matplotlib.pyplot as plt
+    failed = [f"{r['mode']} ({r['status']})" for r in rows if r["status"] != "ok"]
     fig.suptitle(title + (f"  not run: {', '.join(failed)}" if failed else ""), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

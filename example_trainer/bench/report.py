@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from .learning import format_learning_table
+from .learning import format_learning_table, save_chart
 
 # What each mode keeps in memory (README, modes table); on CPU vLLM also keeps packed GEMM
 # copies of its linear weights (docs/vllm-cpu.md, "Packed linears"), whatever the mode.
@@ -222,13 +222,7 @@ def draw_chart(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     right.set_title("reward over steps")
     if ok:
         right.legend()
-    failed = [f"{r['mode']} ({r['status']})" for r in rows if r["status"] != "ok"]
-    fig.suptitle(title + (f"  not run: {', '.join(failed)}" if failed else ""), fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_chart(fig, path, title, rows)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
