@@ -139,7 +139,7 @@ def _operational_errors() -> tuple[type[BaseException], ...]:
     # Imported here, not at the top: bad flags must fail in a fraction of a second, before
     # torch is imported.
     from .api import ApiUnavailable
-    from .distributed import RankFailed
+    from .ranks import RankFailed
     from .parity import ParityError
     from .vllm.client import VLLMError
     from .vllm.server import VLLMGone, VLLMStartupError

@@ -2,7 +2,12 @@
 
 The pieces a run needs to train one model on several ranks started by `torchrun`;
 `TrainingRun` (trainer.py) wires them in, so a mode file holds no distributed code. Only
-modes that declare `DATA_PARALLEL = True` (legacy) run on more than one rank today.
+modes that declare `DATA_PARALLEL = True` run on more than one rank: every mode but
+shared_vllm. legacy and lora_hotswap write the served weights through
+`run.save_served_weights`, which gathers the full model, or just the adapter, to rank 0;
+lora_nccl's `AdapterBroadcaster` gathers the adapter into its send buckets and full_nccl's
+sender gathers one tensor at a time into its buckets (vLLM's `ModuleSource`), every rank
+together, and rank 0 alone sends.
 
 * `init_distributed(cfg)` reads torchrun's environment (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`,
   `MASTER_ADDR`, `MASTER_PORT`) and returns a `Dist` (process group, 1-D mesh "dp"; CUDA
@@ -18,9 +23,8 @@ modes that declare `DATA_PARALLEL = True` (legacy) run on more than one rank tod
   ranks; `distributed_step` trains this rank's share of its sequences with the weights of a
   single process on the whole batch and all-reduces the metrics, so parameters and the
   step line equal a single process's (`tests/test_distributed_step.py`).
-* `RankZeroFetcher`: rank 0 alone registers with the trajectory API and fetches; every
-  rank gets the same batch (or, when rank 0's wait ends in an error or a signal, the same
-  error), so the loop of a mode runs unchanged on every rank.
+* What rank 0 alone does, and how the other ranks follow it (the fetcher, vLLM's handle,
+  failures and signals), is in ranks.py.
 * `check_distributed_support(cfg, world_size)` refuses what cannot work at start-up.
 
 Optimizers sharded (world size > 1): `adamw` yes; `adamw_cpu` yes, as torch's AdamW with
@@ -37,8 +41,9 @@ import functools
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -64,6 +69,24 @@ class Dist:
     device: torch.device
     backend: str
     mesh: Any  # torch.distributed.device_mesh.DeviceMesh, 1-D, named "dp"
+    processes: tuple[tuple[str, int], ...] = ()  # (host name, pid) of every rank
+
+    def lost_ranks(self) -> list[int]:
+        """Ranks on this machine whose process has died (SIGKILL, a crash, the OOM killer):
+        what a collective failing on a closed connection most often means. Ranks on other
+        machines cannot be checked from here (their node's torchrun reports them)."""
+        import psutil
+        host, lost = socket.gethostname(), []
+        for rank, (where, pid) in enumerate(self.processes):
+            if where != host or rank == self.rank:
+                continue
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    continue  # alive
+            except psutil.NoSuchProcess:
+                pass
+            lost.append(rank)
+        return lost
 
     @property
     def is_main(self) -> bool:
@@ -112,8 +135,11 @@ def init_distributed(cfg: TrainConfig) -> Dist | None:
                                       device_id=device if use_cuda else None,
                                       timeout=collective_timeout(cfg))
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    processes: list[Any] = [None] * world  # to name a rank that dies (Dist.lost_ranks)
+    torch_dist.all_gather_object(processes, (socket.gethostname(), os.getpid()))
     log.info("rank %d of %d on %s (%s)", rank, world, device, backend)
-    return Dist(rank, world, local_rank, device, backend, mesh)
+    return Dist(rank, world, local_rank, device, backend, mesh,
+                tuple(tuple(p) for p in processes))
 
 
 def collective_timeout(cfg: TrainConfig) -> datetime.timedelta:
@@ -141,14 +167,20 @@ def check_distributed_support(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             f"shared_vllm cannot run on {world_size} ranks: its trainer parameters are "
             "views of the one copy of the weights vLLM serves on one device, and FSDP shards "
-            "them across ranks; use legacy (full model; full_nccl and the LoRA modes once "
-            "they are wired), or shared_vllm as one process")
+            "them across ranks; use full_nccl (full weights in memory, the closest), legacy or "
+            "a LoRA mode, or shared_vllm as one process")
     if not mode_runs_sharded(cfg.mode):
         raise ConfigError(
             f"--mode {cfg.mode} does not run on {world_size} ranks yet: its sync is not wired "
             "to FSDP2's sharded parameters (a mode that is declares DATA_PARALLEL = True); "
-            f"use --mode legacy, or run {cfg.mode} as one process (no torchrun; "
-            "./run.sh --nproc 1)")
+            "use a built-in mode (--mode legacy, full_nccl, lora_hotswap or lora_nccl), or "
+            f"run {cfg.mode} as one process (no torchrun; ./run.sh --nproc 1)")
+    if cfg.restart_vllm_on_failure and cfg.mode in ("lora_nccl", "full_nccl"):
+        raise ConfigError(
+            f"--restart-vllm-on-failure does not work with {cfg.mode} on {world_size} ranks: "
+            "rank 0 alone would rejoin vLLM's weight-sync group while the other ranks wait "
+            "in the next step; drop the flag (a failure then checkpoints, and --resume "
+            "continues) or run as one process")
     if cfg.optimizer not in SHARDED_OPTIMIZERS:
         why = {"adamw_8bit": "bitsandbytes' 8-bit kernels take plain tensors, not FSDP's "
                              "DTensor shards",
@@ -346,124 +378,18 @@ def distributed_step(model: torch.nn.Module, optimizer: Any, batch: Batch, dist:
     return {**metrics, **apply_update(model, optimizer, step_cfg, scheduler)}
 
 
-class RankFailed(RuntimeError):
-    """Rank 0 failed in work only it does (the API, vLLM): the other ranks stop with this,
-    naming rank 0's error, instead of waiting for it in the next collective."""
-
-
-def _stop_message(err: BaseException) -> tuple[str, Any]:
-    if isinstance(err, KeyboardInterrupt):
-        return ("interrupted", getattr(err, "signum", None))
-    return ("failed", f"{type(err).__name__}: {err}".splitlines()[0])
-
-
-def raise_stop(stop: tuple[str, Any]) -> None:
-    """On a rank other than 0: raise what `_stop_message` described."""
-    import signal
-    from .checkpoint import Interrupted
-    kind, detail = stop
-    if kind == "interrupted":
-        raise Interrupted(detail or signal.SIGINT)
-    raise RankFailed(f"rank 0 failed ({detail})")
-
-
-def on_main(dist: Dist, work: Callable[[], Any]) -> Any:
-    """Run `work()` on rank 0 only; every rank returns its result, or raises when it failed
-    (rank 0 its own error, the others `RankFailed` or `Interrupted`). Collective."""
-    result: Any = None
-    if dist.is_main:
-        try:
-            result = ("ok", work())
-        except BaseException as err:
-            broadcast_object(dist, _stop_message(err))
-            raise
-    outcome = broadcast_object(dist, result)
-    if outcome[0] != "ok":
-        raise_stop(outcome)
-    return outcome[1]
-
-
-def any_rank_signal(dist: Dist, pending: int | None) -> int:
-    """The signal some rank has received and deferred (0: none); the same on every rank, so
-    all ranks stop at the same step boundary. Collective."""
-    flag = torch.tensor([pending or 0], dtype=torch.int64)
-    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-    return int(flag.item())
-
-
-class RankZeroFetcher:
-    """A BatchFetcher on rank 0, its batches on every rank.
-
-    Rank 0 registers with the API and fetches (`inner`); `next_batch` broadcasts the batch,
-    or the error or signal that ended rank 0's wait (then every rank raises). The fetcher's
-    other duties (leases, weight versions, telling the API that training finished) are rank
-    0's: on other ranks those calls do nothing. `in_flight_step` is known on every rank."""
-
-    def __init__(self, dist: Dist, inner: Any, starting_step: int) -> None:
-        self.dist, self.inner = dist, inner
-        self.starting_step, self.handed_out = starting_step, 0
-        if not dist.is_main:
-            self.replay: list = []
-
-    def next_batch(self) -> Batch:
-        if self.dist.is_main:
-            try:
-                batch = self.inner.next_batch()
-            except BaseException as err:  # the others are waiting for this broadcast
-                broadcast_object(self.dist, _stop_message(err))
-                raise
-            broadcast_object(self.dist, ("ok", batch.to("cpu")))
-        else:
-            kind, batch = broadcast_object(self.dist)
-            if kind != "ok":
-                raise_stop((kind, batch))
-        self.handed_out += 1
-        return batch
-
-    @property
-    def in_flight_step(self) -> int:
-        return self.starting_step + self.handed_out
-
-    def __getattr__(self, name: str) -> Any:
-        # Rank 0: the real fetcher's attributes. Elsewhere: the no-op view (_NOT_MAIN).
-        inner = self.__dict__.get("inner")
-        if inner is not None:
-            return getattr(inner, name)
-        if name in _NOT_MAIN:
-            return _NOT_MAIN[name]
-        raise AttributeError(name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        inner = self.__dict__.get("inner")
-        if name == "replay" and inner is not None:
-            inner.replay = value
-        else:
-            object.__setattr__(self, name, value)
-
-
-def _nothing(*_: Any, **__: Any) -> None:
-    return None
-
-
-# What the fetcher's rank-0 duties look like on the other ranks.
-_NOT_MAIN: dict[str, Any] = {
-    "publish_weight_version": _nothing, "add_watchdog": _nothing, "finish": _nothing,
-    "checkpoint_saved": _nothing, "flush_acknowledgements": _nothing,
-    "lease_record": _nothing, "metrics": lambda: {}, "untrained": lambda _step: [],
-    "in_flight": None, "in_flight_rng": None, "rejected_groups": 0}
-
-
-def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(model: torch.nn.Module, *, trainable_only: bool = False
+                           ) -> dict[str, torch.Tensor]:
     """The whole model's state dict on rank 0, in CPU memory (empty on other ranks): for
-    syncing a sharded model's weights to vLLM or saving it in Hugging Face format."""
+    syncing a sharded model's weights to vLLM or saving it in Hugging Face format.
+    `trainable_only`: just the parameters that train (a LoRA adapter, not the frozen base)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
 
 
-__all__ = ["Dist", "RankFailed", "RankZeroFetcher", "SHARDED_OPTIMIZERS", "any_rank_signal",
-           "batch_share", "broadcast_batch", "broadcast_object", "build_sharded_optimizer",
-           "check_distributed_support", "collective_timeout", "decoder_layers",
-           "distributed_step", "gather_full_state_dict", "init_distributed",
-           "mode_runs_sharded", "on_main", "rank_rows", "reduce_metrics", "shard_model",
+__all__ = ["Dist", "SHARDED_OPTIMIZERS", "batch_share", "broadcast_batch", "broadcast_object",
+           "build_sharded_optimizer", "check_distributed_support", "collective_timeout",
+           "decoder_layers", "distributed_step", "gather_full_state_dict", "init_distributed",
+           "mode_runs_sharded", "rank_rows", "reduce_metrics", "shard_model",
            "world_size_from_env"]

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .config import ConfigError, TrainConfig
 from .checkpoint import (PENDING_FILE, STATE_FILE, Checkpointer, _fsync_tree,
                          install_directory, rng_state, set_rng_state, write_text_atomic)
 
@@ -186,3 +187,17 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
              "sharded" if is_sharded_checkpoint(checkpoint) else "single-process",
              state.get("world_size", 1), state["step"])
     return state
+
+
+def check_single_process_resume(cfg: TrainConfig, model: torch.nn.Module,
+                                checkpoint: Path) -> None:
+    """A sharded checkpoint resumes in one process through torch's own optimizer state dict
+    (keyed by parameter name): that needs a torch optimizer over fp32 parameters, not one
+    of this project's wrappers (fp32 masters of bf16 weights, adamw_cpu's offload)."""
+    low = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if cfg.optimizer not in ("adamw",) or low:
+        raise ConfigError(
+            f"{checkpoint} is a sharded checkpoint (written under torchrun); one process "
+            "resumes it with --optimizer adamw in fp32 only (here --optimizer "
+            f"{cfg.optimizer}{', ' + '/'.join(low) + ' weights' if low else ''}): pass "
+            "--optimizer adamw --dtype float32, or resume under torchrun (./run.sh --nproc N)")

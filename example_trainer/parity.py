@@ -147,7 +147,10 @@ class ParityProbe:
         return metrics
 
     def _check(self) -> dict[str, float]:
-        tokens, served = self._served()
+        return self._compare(*self._served())
+
+    def _compare(self, tokens: list[int], served: torch.Tensor) -> dict[str, float]:
+        """Parity of vLLM's reading now (`tokens`, `served`) and how far the probe moved."""
         gap = float((self._trainer(tokens, len(served)) - served).abs().max())
         if not gap <= self.atol:  # also catches NaN
             raise ParityError(f"vLLM does not serve the trainer's weights: max |logprob diff| "

@@ -17,13 +17,14 @@ Data parallel (`torchrun --nproc-per-node N -m example_trainer`, distributed.py)
 starts the process group, shards the model with FSDP2 and builds the sharded optimizer;
 without torchrun (WORLD_SIZE unset or 1) none of it runs. A mode's loop is the same on every
 rank; the run routes what only rank 0 may do, so a mode file needs no distributed code:
-- `run.fetcher` (distributed.RankZeroFetcher): rank 0 registers with the API and fetches,
+- `run.fetcher` (ranks.RankZeroFetcher): rank 0 registers with the API and fetches,
   every rank gets the same batch; `grpo_step` then trains this rank's share of it (the
   sharded model carries its Dist) with the math of one process, metrics summed over ranks;
 - `run.serve` starts vLLM on rank 0; the other ranks get an `OtherRankVLLM`, a handle whose
   calls do nothing (the one deliberate no-op: a mode's `vllm.restart(...)` is rank 0's);
-- `run.save_served_weights` gathers the full state dict to rank 0 (CPU memory), which writes
-  it; `run.sync` shares rank 0's outcome (its error stops every rank, not only rank 0),
+- `run.save_served_weights` gathers the full state dict (or a LoRA mode's adapter alone) to
+  rank 0 (CPU memory), which writes it; lora_nccl's and full_nccl's senders gather on every
+  rank and send from rank 0 (weight_sync.py, weight_transfer.py); `run.sync` shares rank 0's outcome (its error stops every rank, not only rank 0),
   then waits for every rank at a barrier of --sync-timeout and runs the parity probe (the
   trainer's forward on every rank, vLLM's side on rank 0); `run.evaluate` is rank 0's;
 - checkpoints are sharded (`ShardedCheckpointer`, torch.distributed.checkpoint), written by
@@ -52,16 +53,19 @@ from .api import BatchFetcher, TrajectoryClient
 from .checkpoint import (SAFE_POINTS, Checkpointer, Interrupted, find_checkpoint,
                          guard_optimizer_updates, load_pending_batches, load_trainer_state,
                          save_weights)
-from .config import ConfigError, TrainConfig
-from .distributed import (Dist, RankZeroFetcher, any_rank_signal, broadcast_object,
-                          build_sharded_optimizer, gather_full_state_dict, init_distributed,
-                          on_main, shard_model)
-from .distributed_checkpoint import ShardedCheckpointer, is_sharded_checkpoint, load_checkpoint
+from .config import TrainConfig
+from .distributed import (Dist, build_sharded_optimizer, gather_full_state_dict,
+                          init_distributed, shard_model)
+from .distributed_checkpoint import (ShardedCheckpointer, check_single_process_resume,
+                                     is_sharded_checkpoint, load_checkpoint)
 from .evaluation import held_out_accuracy, plot_learning_curve
 from .model import load_model, resolve_model_path
 from .optim import build_optimizer, build_scheduler
-from .parity import ParityProbe, default_probe_tokens, trainer_probe_logprobs
+from .parity import ParityProbe, trainer_probe_logprobs
+from .ranks import (OtherRankVLLM, RankFailed, RankZeroFetcher, ShardedParityProbe,
+                    any_rank_signal, lost_rank_error, on_main)
 from .recorder import Recorder
+from .run_end import run_summary, save_final_checkpoint
 from .serving import VLLM, pin_trainer_cores, start_vllm, vllm_lora_options  # noqa: F401
 from .microbatch import resolve_micro_batch_tokens
 from .step import StepConfig
@@ -109,16 +113,14 @@ class TrainingRun:
             torch.manual_seed(cfg.seed)
             checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
             sharded = checkpoint is not None and is_sharded_checkpoint(checkpoint)
-            if sharded and dist is None:
-                raise ConfigError(f"{checkpoint} is a sharded checkpoint (written under "
-                                  "torchrun): resume it under torchrun (any number of ranks "
-                                  "above 1; ./run.sh --nproc N)")
             # a sharded checkpoint holds no Hugging Face weights: they come from load_checkpoint
             model, tokenizer = load(cfg, resume_from=None if sharded else checkpoint)
             if dist is not None:
                 shard_model(model, cfg, dist)
                 optimizer = build_sharded_optimizer(cfg, model)
             else:
+                if sharded:  # written by N ranks, resumed by one (weights and state below)
+                    check_single_process_resume(cfg, model, checkpoint)
                 optimizer = build_optimizer(  # fp32 masters for bf16/fp16 weights (or off)
                     cfg.optimizer, model.parameters(), cfg.lr, weight_decay=cfg.weight_decay,
                     master_weights=None if cfg.master_weights == "auto" else False)
@@ -126,7 +128,7 @@ class TrainingRun:
                                         cfg.lr_schedule)
             if checkpoint is None:
                 resumed = {}
-            elif dist is not None:
+            elif dist is not None or sharded:  # DCP reshards to this world size
                 resumed = load_checkpoint(checkpoint, model, optimizer, scheduler)
             else:
                 resumed = load_trainer_state(checkpoint, optimizer, scheduler)
@@ -257,13 +259,12 @@ class TrainingRun:
             self.dist.barrier(timeout=self.cfg.sync_timeout)
             self._synced_step = step
         if self.cfg.parity_check:
-            # The trainer's forward of a sharded model is collective: every rank runs it.
-            ours = trainer_probe_logprobs(self.model, default_probe_tokens(self.tokenizer))
-
-            def check() -> dict[str, float]:
-                self._probe.trainer_logprobs = ours
-                return self._probe.check()
-            metrics |= on_main(self.dist, check) or {}
+            # The trainer's forward of a sharded model is collective: rank 0 reads vLLM and
+            # names the sequences to score, every rank scores them, rank 0 compares.
+            sequences = on_main(self.dist, lambda: self._probe.sequences())
+            if sequences:  # None: the probe was cut short by a restart
+                scores = [trainer_probe_logprobs(self.model, t) for t in sequences]
+                metrics |= on_main(self.dist, lambda: self._probe.check_scored(scores)) or {}
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -299,11 +300,12 @@ class TrainingRun:
         never reads a half-written one. Sharded: collective; gathered to rank 0's CPU memory
         and written by rank 0 (every rank returns the path)."""
         path = Path(self.cfg.save_path) / f"served-step-{step:06d}"
-        if self.dist is not None:
-            full = gather_full_state_dict(self.model)  # empty except on rank 0
+        if self.dist is not None:  # an adapter's parameters only, for a LoRA mode
+            full = gather_full_state_dict(self.model, trainable_only=self.cfg.is_lora)
             if not self.dist.is_main:
                 return path
-            path = save_weights(path, self.model, self.tokenizer, state_dict=full)
+            path = save_weights(path, self.model, None if self.cfg.is_lora else self.tokenizer,
+                                state_dict=full)
             del full
         else:
             path = save_weights(path, self.model, None if self.cfg.is_lora else self.tokenizer)
@@ -391,16 +393,26 @@ class TrainingRun:
             reason = f"interrupted ({getattr(exc, 'name', 'SIGINT')})"
         else:
             reason = f"failed: {exc_type.__name__}"
+        # A rank that died (not rank 0 failing, which the others hear as RankFailed) is the
+        # cause to report, and no collective can include it: no final checkpoint then.
+        lost = (lost_rank_error(self.dist, self.cfg.save_path)
+                if self.dist is not None and exc_type is not None
+                and not issubclass(exc_type, RankFailed) else None)
         with SAFE_POINTS.stopping():  # a second Ctrl-C must not cut the clean-up short
             self.children.close()  # stop vLLM (by process group) before anything else
-            if exc_type is not None:
+            if exc_type is not None and lost is None:
                 self._save_final(exc)
+            elif lost is not None:
+                log.error("no final checkpoint: a rank is gone; resume from the last one in "
+                          "%s", self.cfg.save_path)
             self.fetcher.finish(reason)
             if self.vllm is not None and self.vllm.restarts:
                 self.results["vllm_restarts"] = self.vllm.restarts
             self.recorder.close(**self.results, rejected_groups=self.fetcher.rejected_groups)
             if self.dist is not None:
                 self.dist.close()
+        if lost is not None:  # the cause, in one line, not a collective's connection error
+            raise lost from exc
         if exc_type is None:
             log.info("%s", self.summary())
 
@@ -416,129 +428,10 @@ class TrainingRun:
         return max(done, self._updated_step)
 
     def _save_final(self, exc: BaseException) -> Path | None:
-        """On any abnormal exit: checkpoint the last whole step, with the batches taken from
-        the API but not trained, unless that is already on disk. Sets `exc.summary` (the
-        CLI's one-line report of an interruption)."""
-        cfg = self.cfg
-        if self.dist is not None:
-            try:  # the final checkpoint is collective: is every rank here?
-                self.dist.barrier(timeout=cfg.sync_timeout)
-            except Exception as err:  # noqa: BLE001 - a rank died or hangs: no collective
-                log.error("no final checkpoint: not every rank reached it (%s); resume from "
-                          "the last one in %s", str(err).splitlines()[0], cfg.save_path)
-                return None
-        if self._in_update:
-            log.error("the optimizer update was cut short by %s, so parameters may be half "
-                      "updated: no final checkpoint; resume from the last one in %s",
-                      type(exc).__name__, cfg.save_path)
-            return None
-        done = self.completed_step()
-        pending = self.fetcher.untrained(done)
-        if self.dist is not None:  # rank 0 knows what was taken from the API: it decides
-            done, unsaved = broadcast_object(self.dist, (done, bool(pending)))
-        else:
-            unsaved = bool(pending)
-        path: Path | None = None
-        if done == self.checkpoints.last_saved_step and not unsaved:
-            path = self.checkpoints.root / f"step-{done:06d}"
-            what = f"checkpoint {path} (already saved)"
-        elif done == self.start_step and broadcast_or_local(
-                self.dist, pending == self._resumed_pending):
-            what = ("no new checkpoint (nothing trained since "
-                    + (f"resuming from {cfg.resume})" if cfg.resume else "the start)"))
-        else:
-            in_flight_pending = bool(pending) and pending[0] is self.fetcher.in_flight
-            rng = self.fetcher.in_flight_rng if in_flight_pending else None
-            try:
-                path = self.checkpoints.save(done, **self.state(), pending=pending or None,
-                                             rng=rng)
-            except Exception as err:  # noqa: BLE001 - report, keep the original error
-                log.error("final checkpoint at step %d failed (%s: %s); the previous ones "
-                          "in %s are intact", done, type(err).__name__, err, cfg.save_path)
-                what = "final checkpoint FAILED"
-            else:
-                what = f"saved {path}" + (f" with {len(pending)} untrained batch(es) that a "
-                                          "resume trains first" if pending else "")
-        if path is not None:
-            resume = f"resume with --resume {cfg.save_path}"
-        elif what.startswith("no new"):
-            resume = f"resume with --resume {cfg.resume}" if cfg.resume else "nothing to resume"
-        else:
-            resume = "see the log above"
-        summary = (f"stopped after step {done} of {cfg.steps}: {what}; child processes "
-                   f"stopped, API told; {resume}")
-        if isinstance(exc, KeyboardInterrupt):
-            exc.summary = f"interrupted by {getattr(exc, 'name', 'SIGINT')}, {summary}"
-        else:
-            log.info("%s", summary)
-        return path
+        return save_final_checkpoint(self, exc)
 
     def summary(self) -> str:
-        records = self.recorder.records
-        if not records:
-            return "no steps were run"
-        mean = lambda key: sum(r.get(key, 0.0) for r in records) / len(records)  # noqa: E731
-        lines = [f"run summary ({self.cfg.mode}):",
-                 f"  steps            {records[-1]['step']}",
-                 f"  reward           first {records[0].get('train/reward_mean', 0):.3f} -> "
-                 f"last {records[-1].get('train/reward_mean', 0):.3f}"]
-        if "eval_before" in self.results:
-            lines.append(f"  held-out acc.    {self.results['eval_before']:.3f} -> "
-                         f"{self.results.get('eval_after', float('nan')):.3f} "
-                         f"(T={self.cfg.eval_temperature})")
-        if "wall_s" in self.results:
-            lines.append(f"  wall time        {self.results['wall_s']:.0f} s from the trainer's "
-                         f"start to the end of the final evaluation (evaluations "
-                         f"{self.results['eval_s']:.0f} s)")
-        lines += [f"  mean step time   {mean('step_s'):.2f} s (train {mean('train_s'):.2f}, "
-                  f"sync {mean('sync_s'):.2f}, data wait {mean('data_s'):.2f})",
-                  f"  rejected groups  {self.fetcher.rejected_groups}",
-                  f"  checkpoints      {self.cfg.save_path}"]
-        if self.cfg.benchmark_json:
-            lines.append(f"  benchmark JSON   {self.cfg.benchmark_json}")
-        return "\n".join(lines)
-
-
-class OtherRankVLLM:
-    """The vLLM handle of a rank other than 0 under torchrun: rank 0 alone starts and talks to
-    vLLM, so what a mode calls here does nothing (`restart` reports 0 s)."""
-
-    url = ""
-    client = None
-    server = None
-    restarts = 0
-
-    def restart(self, model_path: str | Path | None = None) -> float:
-        return 0.0
-
-    def guard(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def on_restart(self, resync: Callable[[], None]) -> None:
-        pass
-
-    def on_served_again(self, announce: Callable[[], None]) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
-class ShardedParityProbe(ParityProbe):
-    """Rank 0's probe for a sharded model: the trainer's log-probs are computed by every rank
-    (a collective forward) and handed in as `trainer_logprobs` before `check()`. Full-model
-    modes probe a fixed sequence, so the previous and current probe tokens are the same."""
-
-    trainer_logprobs: torch.Tensor | None = None
-
-    def _trainer(self, tokens: list[int], n: int) -> torch.Tensor:
-        return self.trainer_logprobs[-n:]
-
-
-def broadcast_or_local(dist: Dist | None, value: Any) -> Any:
-    """Rank 0's `value` on every rank (collective), or `value` itself in one process."""
-    return value if dist is None else broadcast_object(dist, value)
-
+        return run_summary(self)
 
 def _reraise(err: BaseException) -> None:
     raise err

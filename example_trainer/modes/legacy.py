@@ -10,8 +10,9 @@ This file is the template for your own mode: copy it, change the two blocks mark
 serves" and "sync", and run it with `--mode path/to/my_mode.py:train`. `TRAINS` says what the
 mode trains ("full", or "lora" for an adapter: then LoRA flags apply and the run wraps the
 model with peft). `DATA_PARALLEL = True` lets it run on several ranks under torchrun: keep it
-only while the sync goes through `run.save_served_weights` and the handle `run.serve` gives
-(trainer.py's docstring). Everything else is shared code. A sync's duties, whatever moves the weights:
+only while the sync works from sharded parameters, as `run.save_served_weights` and the
+built-in senders do, and talks to vLLM through the handle `run.serve` gives (trainer.py's
+docstring). Everything else is shared code. A sync's duties, whatever moves the weights:
 
 1. After the block, vLLM serves exactly the trainer's weights: `--parity-check` proves it
    after every sync (`run.sync` runs the probe), and every mode's end-to-end test uses it.
