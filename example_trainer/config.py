@@ -160,6 +160,13 @@ class TrainConfig:
     sync_bucket_mib: float = opt(64.0, "full_nccl: MiB per packed bucket of a sync (the "
                                  "trainer's extra memory during a sync; a tensor larger than "
                                  "a bucket is sent on its own).", group="vllm")
+    sync_host: str = opt("127.0.0.1", "lora_nccl, full_nccl: this trainer's address (rank "
+                         "0's) that vLLM's workers connect to for the weight-sync group "
+                         "(its rendezvous store and gloo/NCCL sockets); set it when vLLM "
+                         "runs on another machine. The group has no authentication: any "
+                         "other than loopback needs EXAMPLE_TRAINER_API_TOKEN set, and a "
+                         "network only vLLM's machine can reach (README, 'Security').",
+                         group="vllm")
     sync_timeout: float = opt(120.0, "Seconds a weight-sync collective, or vLLM's /health "
                               "while the trainer waits for data, may stall before the run "
                               "fails with an error naming the cause.", group="vllm")
@@ -301,6 +308,9 @@ class TrainConfig:
             need(Path(self.resume).exists(), f"--resume {self.resume!r} does not exist")
         need(bool(self.vllm_url) or is_loopback(self.vllm_host) or api_token() is not None,
              exposed_without_secret("vLLM", self.vllm_host, "--vllm-host", token_flag=False))
+        need(is_loopback(self.sync_host) or api_token() is not None,
+             exposed_without_secret("the weight-sync group", self.sync_host, "--sync-host",
+                                    token_flag=False))
         return self
 
 

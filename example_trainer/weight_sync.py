@@ -8,7 +8,8 @@ thread first, then does its own half, then joins the thread (with a timeout).
 
 The adapter's parameters live in the send buckets: `AdapterBroadcaster` re-points each one's
 `.data` at its slice of one flat buffer per dtype, so the optimizer updates the buckets in
-place and a sync has nothing to pack. The prefix-cache reset rides on the same sync: it is
+place and a sync has nothing to pack. A model sharded by FSDP2 (torchrun) is gathered into
+the buckets instead, by every rank together, and rank 0 sends. The prefix-cache reset rides on the same sync: it is
 requested once every worker holds the buckets, while the install runs.
 """
 
@@ -105,6 +106,11 @@ class AdapterBroadcaster:
                  host: str = "127.0.0.1") -> None:
         self.client, self.name, self.timeout_s = client, adapter_name, timeout_s
         self.world_size, self.host = 1 + workers, host
+        # Under torchrun (FSDP2) each rank holds shards: every rank gathers the adapter in
+        # `pack` (a collective), rank 0 alone joins vLLM's group and sends.
+        data_parallel = getattr(model, "data_parallel", None)
+        self.sharded = data_parallel is not None
+        self.sends = data_parallel is None or data_parallel.is_main
         params = [(peft_name(n), p) for n, p in model.named_parameters()
                   if p.requires_grad and "lora_" in n]
         if not params:
@@ -127,7 +133,8 @@ class AdapterBroadcaster:
         self.broken = False  # a sync failed: the workers can't be asked to tear down
         # Views into the buckets need the buckets on the parameters' device (not so for
         # CUDA parameters sent over gloo: those are packed every sync).
-        self.aliased = all(p.device == bucket_device for _, p in self.params)
+        self.aliased = not self.sharded and all(p.device == bucket_device
+                                                for _, p in self.params)
         self._pointers: list[int] = []
         self.pack()
 
@@ -157,7 +164,8 @@ class AdapterBroadcaster:
                 self._alias()
             return
         for group, bucket in zip(self.groups, self.buckets):
-            torch.cat([p.detach().reshape(-1) for p in group], out=bucket)
+            torch.cat([(p.full_tensor() if self.sharded else p).detach().reshape(-1)
+                       for p in group], out=bucket)
 
     def _rpc(self, method: str, **kwargs: Any) -> _Call:
         return _Call(lambda: self.client.collective_rpc(method, kwargs=kwargs,
@@ -165,7 +173,9 @@ class AdapterBroadcaster:
 
     def join(self) -> None:
         """Rendezvous on a fresh port; the prefix is unique per run, so a stale store can't
-        be joined. vLLM worker i becomes rank 1 + i."""
+        be joined. vLLM worker i becomes rank 1 + i. Other data-parallel ranks join nothing."""
+        if not self.sends:
+            return
         port, prefix = free_port(self.host), f"lora_nccl-{uuid.uuid4().hex}"
         self.layout_sent = False
         init_method = f"tcp://{self.host}:{port}/{prefix}"
@@ -187,7 +197,10 @@ class AdapterBroadcaster:
         right after the install if it arrives before the rpc returns, else after the next
         engine step at the latest, as a separate call would be (`reset_prefix_cache`; see
         `drop_stale_prefix_cache` for `preempt_running`). Every wait is bounded by the
-        sync timeout."""
+        sync timeout. On a data-parallel rank other than 0: its part of the gather only."""
+        if not self.sends:
+            self.pack()
+            return {}
         if self.group is None:
             raise WeightSyncError("sync before join()")
         t0 = time.perf_counter()

@@ -163,10 +163,10 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                      source: WeightSource | None = None) -> Self:
         if source is None:
             raise ValueError(f"{BACKEND} sends full weights: it needs a WeightSource")
-        if not init_info.is_sender:
-            raise ValueError(f"{BACKEND} supports one trainer rank (rank 0) for now")
         engine = cls(client=client, source=source, bucket_bytes=init_info.bucket_bytes,
-                     timeout_s=init_info.timeout_s)
+                     timeout_s=init_info.timeout_s, is_sender=init_info.is_sender)
+        if not engine.is_sender:  # another data-parallel rank: it only helps gather
+            return engine
         prefix = f"{BACKEND}-{uuid.uuid4().hex}"  # a stale store of another run can't match
         worker_info = GlooInitInfo(
             master_address=init_info.master_address, master_port=init_info.master_port,
@@ -188,8 +188,14 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         return engine
 
     def send_weights(self) -> None:
-        """One full sync: start, the buckets (worker receives concurrently), finish."""
-        assert self.source is not None and self.group is not None
+        """One full sync: start, the buckets (worker receives concurrently), finish. A rank
+        other than 0 runs only its part of the gathers, in the same order as rank 0."""
+        assert self.source is not None
+        if not self.is_sender:
+            for _ in self.source:  # ModuleSource: full_tensor() of each sharded parameter
+                pass
+            return
+        assert self.group is not None
         meta = self.source.metadata()
         t0 = time.perf_counter()
         _answer(self.client.start_weight_update, "/start_weight_update", self.timeout_s)
@@ -246,6 +252,8 @@ class FullWeightSender:
         self.load = load
         self.bucket_bytes = max(1, int(bucket_mib * 2**20))
         self.world_size, self.host = 1 + workers, host
+        data_parallel = getattr(model, "data_parallel", None)  # FSDP2 under torchrun
+        self.rank = 0 if data_parallel is None else data_parallel.rank  # rank 0 sends
         device = next(model.parameters()).device
         self.backend = resolve_backend(backend, device)
         self.http = HTTPWeightSyncClient(client, timeout_s)
@@ -261,7 +269,7 @@ class FullWeightSender:
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
             info: TrainerInitInfo = NCCLTrainerInitInfo(
                 master_address=self.host, master_port=port, world_size=self.world_size,
-                packed=True, packed_buffer_size_bytes=self.bucket_bytes, rank=0)
+                packed=True, packed_buffer_size_bytes=self.bucket_bytes, rank=self.rank)
             # vLLM's NCCL rendezvous has no timeout of its own: bound it here
             self.engine = _Call(lambda: WeightTransferTrainerFactory.trainer_init(
                 info, client=self.http, source=ModuleSource(self.model)),
@@ -270,7 +278,7 @@ class FullWeightSender:
             info = GlooTrainerInitInfo(master_address=self.host, master_port=port,
                                        world_size=self.world_size,
                                        bucket_bytes=self.bucket_bytes,
-                                       timeout_s=self.timeout_s, load=self.load, rank=0)
+                                       timeout_s=self.timeout_s, load=self.load, rank=self.rank)
             self.engine = WeightTransferTrainerFactory.trainer_init(
                 info, client=self.http, source=ModuleSource(self.model))
         self.broken = False

@@ -148,12 +148,14 @@ def test_api_server_refuses_a_non_loopback_bind_without_a_secret(host: str) -> N
     assert API_TOKEN_ENV in lines[0] and "--host 127.0.0.1" in lines[0]
 
 
-def test_trainer_refuses_a_non_loopback_vllm_host_without_a_secret() -> None:
-    done = run_module("example_trainer", "--vllm-host", "0.0.0.0")
+@pytest.mark.parametrize("flag, what", [("--vllm-host", "vLLM"),
+                                        ("--sync-host", "the weight-sync group")])
+def test_trainer_refuses_a_non_loopback_host_without_a_secret(flag: str, what: str) -> None:
+    done = run_module("example_trainer", flag, "0.0.0.0")
     assert done.returncode == 2
     error = [line for line in done.stderr.splitlines() if "error:" in line]
-    assert len(error) == 1 and "refusing to serve vLLM on 0.0.0.0" in error[0]
-    assert API_TOKEN_ENV in error[0] and "--vllm-host 127.0.0.1" in error[0]
+    assert len(error) == 1 and f"refusing to serve {what} on 0.0.0.0" in error[0]
+    assert API_TOKEN_ENV in error[0] and f"{flag} 127.0.0.1" in error[0]
 
 
 def test_vllm_server_refuses_a_non_loopback_host_without_a_key(

@@ -34,6 +34,7 @@ from example_trainer.weight_transfer import (FullWeightSender, generation_paused
 
 TRAINS = "full"  # or "lora": read by --mode before the run starts
 DEFAULTS = {"lr": 3e-5}  # tuned (README, "Which mode learns fastest"); flags win
+DATA_PARALLEL = True  # runs under torchrun (FSDP2): rank 0 sends what all ranks gather, tensor by tensor
 
 
 def connect_weight_sender(run: TrainingRun, vllm: VLLM) -> FullWeightSender:
@@ -42,7 +43,8 @@ def connect_weight_sender(run: TrainingRun, vllm: VLLM) -> FullWeightSender:
     cfg = run.cfg
     workers = cfg.vllm_tensor_parallel_size if torch.cuda.is_available() else 1
     sender = FullWeightSender(vllm.client, run.model, bucket_mib=cfg.sync_bucket_mib,
-                              timeout_s=cfg.sync_timeout, workers=workers)
+                              timeout_s=cfg.sync_timeout, workers=workers,
+                              host=cfg.sync_host)
     sender.join()
     run.children.callback(sender.close)  # LIFO: the group goes before vLLM stops
     with generation_paused(vllm.client, "none"):  # the environment may be sampling already

@@ -27,6 +27,7 @@ from example_trainer.vllm.client import VLLMClient
 
 TRAINS = "lora"  # or "full": read by --mode before the run starts
 DEFAULTS = {"lr": 2e-3}  # tuned: an adapter wants a far larger lr than full fine-tuning
+DATA_PARALLEL = True  # runs under torchrun (FSDP2): the adapter is gathered to rank 0
 
 # Requests that vLLM resolved to an older version before a swap still load it from its
 # directory when they run (a removed adapter is re-read from disk; a missing directory kills

@@ -31,6 +31,7 @@ from example_trainer.weight_sync import EXTENSION, AdapterBroadcaster
 
 TRAINS = "lora"  # or "full": read by --mode before the run starts
 DEFAULTS = {"lr": 2e-3}  # tuned: an adapter wants a far larger lr than full fine-tuning
+DATA_PARALLEL = True  # runs under torchrun (FSDP2): rank 0 sends the adapter all ranks gather
 
 
 def connect_adapter_sender(run: TrainingRun, vllm: VLLM) -> AdapterBroadcaster:
@@ -39,7 +40,8 @@ def connect_adapter_sender(run: TrainingRun, vllm: VLLM) -> AdapterBroadcaster:
     cfg = run.cfg
     workers = cfg.vllm_tensor_parallel_size if torch.cuda.is_available() else 1
     sender = AdapterBroadcaster(vllm.client, run.model, cfg.served_name, workers=workers,
-                                backend=cfg.lora_sync_backend, timeout_s=cfg.sync_timeout)
+                                backend=cfg.lora_sync_backend, timeout_s=cfg.sync_timeout,
+                                host=cfg.sync_host)
     sender.join()  # before registering: the worker then sees the registration
     run.children.callback(sender.close)  # LIFO: the group goes before vLLM stops
     initial = run.save_served_weights(run.start_step)  # the only write to disk
