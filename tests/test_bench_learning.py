@@ -110,11 +110,12 @@ def test_learning_chart_is_a_png(tmp_path):
 def test_learning_flag_runs_each_mode_like_run_sh_with_evaluations():
     s = parse_args(["--learning"])
     assert s.learning and (s.steps, s.batch_size, s.micro_batch_size, s.group_size,
-                           s.max_tokens) == (12, 16, 4, 8, 32)
+                           s.max_tokens) == (12, 16, 16, 8, 32)
     assert (s.eval_every, s.eval_size) == (2, 64)
     cmd = compare.trainer_command("lora_nccl", s, "http://x", 1234, Path("/r"))
     at = cmd.index("--eval-every")
     assert cmd[at + 1] == "2" and cmd[cmd.index("--eval-size") + 1] == "64"
+    assert cmd[cmd.index("--eval-max-tokens") + 1] == "32"  # answers as long as training's
     # Each mode keeps its own tuned learning rate, sync interval and LoRA shape.
     assert not {"--lr", "--sync-every", "--lora-rank", "--lora-alpha"} & set(cmd)
     # Flags given win over --learning's defaults; flags after -- still reach every trainer.

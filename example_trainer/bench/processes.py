@@ -275,7 +275,8 @@ def trainer_command(mode: str, s: BenchSettings, api_url: str, vllm_port: int,
     (its mode file's defaults: the comparison is of each mode at its best) and evaluates
     every `s.eval_every` steps; otherwise no evaluation and the same LoRA rank for all."""
     if s.learning:
-        own = ["--eval-size", str(s.eval_size), "--eval-every", str(s.eval_every)]
+        own = ["--eval-size", str(s.eval_size), "--eval-every", str(s.eval_every),
+               "--eval-max-tokens", str(s.max_tokens)]  # answers as long as training's
     else:
         own = ["--lora-rank", str(s.lora_rank), "--eval-size", "0"]
     return [sys.executable, "-m", "example_trainer", "--mode", mode, "--model", s.model,
