@@ -1,37 +1,34 @@
 """Set-up and tear-down every mode shares, so a mode file holds only its loop and its sync.
 
 `TrainingRun` gathers the pieces a loop needs (model, optimizer, schedule, fetcher, recorder,
-checkpoints), restores them on `--resume`, and on exit tells the trajectory API that training
-finished and prints the run summary; after an interruption or a failure it first checkpoints
-the last whole step, with any batch taken from the API but not yet trained.
+checkpoints), restores them on `--resume`, and on exit tells the API that training finished
+and prints the summary; after an interruption or a failure it first checkpoints the last
+whole step, with any batch taken from the API but not yet trained (run_end.py).
 
 The contract with a mode (legacy.py's docstring spells out a sync's duties):
-- `TrainingRun.setup(cfg, TRAINS)`: the mode says whether it trains the full model or a LoRA
-  adapter, and LoRA flags are checked against that;
+- `TrainingRun.setup(cfg, TRAINS)`: the mode trains the full model or a LoRA adapter;
 - `run.serve(...)` gives the mode its vLLM handle (serving.py), started or attached;
-- `run.sync_due(step)` says when to sync, and `with run.sync(step, metrics):` around the
-  mode's own transfer times it, guards it against a dying server, publishes the new weight
-  version and, with --parity-check, proves vLLM now serves the trainer's weights.
+- `run.sync_due(step)` says when to sync; `with run.sync(step, metrics):` around the mode's
+  transfer times it, guards it against a dying server, publishes the new weight version and,
+  with --parity-check, proves vLLM now serves the trainer's weights.
 
 Data parallel (`torchrun --nproc-per-node N -m example_trainer`, distributed.py): `setup`
-starts the process group, shards the model with FSDP2 and builds the sharded optimizer;
-without torchrun (WORLD_SIZE unset or 1) none of it runs. A mode's loop is the same on every
-rank; the run routes what only rank 0 may do, so a mode file needs no distributed code:
-- `run.fetcher` (ranks.RankZeroFetcher): rank 0 registers with the API and fetches,
-  every rank gets the same batch; `grpo_step` then trains this rank's share of it (the
-  sharded model carries its Dist) with the math of one process, metrics summed over ranks;
-- `run.serve` starts vLLM on rank 0; the other ranks get an `OtherRankVLLM`, a handle whose
-  calls do nothing (the one deliberate no-op: a mode's `vllm.restart(...)` is rank 0's);
-- `run.save_served_weights` gathers the full state dict (or a LoRA mode's adapter alone) to
-  rank 0 (CPU memory), which writes it; lora_nccl's and full_nccl's senders gather on every
-  rank and send from rank 0 (weight_sync.py, weight_transfer.py); `run.sync` shares rank 0's outcome (its error stops every rank, not only rank 0),
-  then waits for every rank at a barrier of --sync-timeout and runs the parity probe (the
-  trainer's forward on every rank, vLLM's side on rank 0); `run.evaluate` is rank 0's;
+starts the process group, shards the model with FSDP2 and builds the sharded optimizer (none
+of it without torchrun). A mode's loop is the same on every rank; the run routes what only
+rank 0 may do, so a mode file needs no distributed code:
+- `run.fetcher` (ranks.RankZeroFetcher): rank 0 registers with the API and fetches, every
+  rank gets the same batch; `grpo_step` trains this rank's share of it (the sharded model
+  carries its Dist) with the math of one process, metrics summed over ranks;
+- `run.serve` starts vLLM on rank 0; the other ranks get an `OtherRankVLLM` whose calls do
+  nothing (ranks.py); `run.save_served_weights` gathers the full model (or a LoRA adapter) to
+  rank 0, which writes it; lora_nccl's and full_nccl's senders gather on every rank and send
+  from rank 0; `run.sync` shares rank 0's outcome (its error stops every rank), waits for
+  every rank at a barrier of --sync-timeout and runs the parity probe (the trainer's forward
+  on every rank, vLLM's side on rank 0); `run.evaluate` is rank 0's;
 - checkpoints are sharded (`ShardedCheckpointer`, torch.distributed.checkpoint), written by
-  every rank; `--resume` reads them (and single-process ones);
-- SIGINT/SIGTERM never stop one rank alone: every rank defers them, the ranks agree at each
-  step boundary and all stop there (rank 0 waiting for data stops at once and tells the
-  others), then write the final checkpoint together;
+  every rank; `--resume` reads any world size's (and single-process ones);
+- SIGINT/SIGTERM stop all ranks at the same step boundary (rank 0 waiting for data stops at
+  once and tells the others), then they write the final checkpoint together;
 - only rank 0 logs below WARNING, writes the benchmark JSON and talks to wandb.
 """
 
