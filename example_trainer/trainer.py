@@ -398,7 +398,7 @@ class TrainingRun:
         with SAFE_POINTS.stopping():  # a second Ctrl-C must not cut the clean-up short
             self.children.close()  # stop vLLM (by process group) before anything else
             if exc_type is not None and lost is None:
-                self._save_final(exc)
+                save_final_checkpoint(self, exc)
             elif lost is not None:
                 log.error("no final checkpoint: a rank is gone; resume from the last one in "
                           "%s", self.cfg.save_path)
@@ -424,11 +424,9 @@ class TrainingRun:
             done += 1
         return max(done, self._updated_step)
 
-    def _save_final(self, exc: BaseException) -> Path | None:
-        return save_final_checkpoint(self, exc)
-
     def summary(self) -> str:
         return run_summary(self)
+
 
 def _reraise(err: BaseException) -> None:
     raise err
@@ -446,5 +444,6 @@ def directory_bytes(path: Path) -> int:
 
 
 def remove_dir(path: Path | None) -> None:
-    if path is not None:
+    """Delete a directory a mode wrote for vLLM; under torchrun rank 0's job (it wrote it)."""
+    if path is not None and os.environ.get("RANK", "0") == "0":
         shutil.rmtree(path, ignore_errors=True)
