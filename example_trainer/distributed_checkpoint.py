@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, TrainConfig
 from .checkpoint import (PENDING_FILE, STATE_FILE, Checkpointer, _fsync_tree,
                          install_directory, rng_state, set_rng_state, write_text_atomic)
+from .config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def check_single_process_resume(cfg: TrainConfig, model: torch.nn.Module,
     (keyed by parameter name): that needs a torch optimizer over fp32 parameters, not one
     of this project's wrappers (fp32 masters of bf16 weights, adamw_cpu's offload)."""
     low = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
-    if cfg.optimizer not in ("adamw",) or low:
+    if cfg.optimizer != "adamw" or low:
         raise ConfigError(
             f"{checkpoint} is a sharded checkpoint (written under torchrun); one process "
             "resumes it with --optimizer adamw in fp32 only (here --optimizer "

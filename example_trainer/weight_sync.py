@@ -9,8 +9,9 @@ thread first, then does its own half, then joins the thread (with a timeout).
 The adapter's parameters live in the send buckets: `AdapterBroadcaster` re-points each one's
 `.data` at its slice of one flat buffer per dtype, so the optimizer updates the buckets in
 place and a sync has nothing to pack. A model sharded by FSDP2 (torchrun) is gathered into
-the buckets instead, by every rank together, and rank 0 sends. The prefix-cache reset rides on the same sync: it is
-requested once every worker holds the buckets, while the install runs.
+the buckets instead, by every rank together, and rank 0 sends. The prefix-cache reset rides
+on the same sync: it is requested once every worker holds the buckets, while the install
+runs.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from example_trainer.weight_transfer import (FullWeightSender, generation_paused
 
 TRAINS = "full"  # or "lora": read by --mode before the run starts
 DEFAULTS = {"lr": 3e-5}  # tuned (README, "Which mode learns fastest"); flags win
-DATA_PARALLEL = True  # runs under torchrun (FSDP2): rank 0 sends what all ranks gather, tensor by tensor
+DATA_PARALLEL = True  # runs under torchrun (FSDP2): all ranks gather, rank 0 sends
 
 
 def connect_weight_sender(run: TrainingRun, vllm: VLLM) -> FullWeightSender:
