@@ -265,6 +265,11 @@ class VLLMClient:
                           timeout=self.pause_timeout)
         except VLLMError as exc:
             if exc.status_code is None and "did not answer" in str(exc):
+                if not self.health():  # hung or gone, not busy with long generations
+                    raise VLLMError(f"vLLM at {self.url} has not answered /pause within "
+                                    f"{self.pause_timeout:g} s (--sync-timeout) nor /health "
+                                    "after it: the server hangs or is gone; see its "
+                                    "log") from exc
                 raise VLLMError(f"vLLM at {self.url} did not finish its running requests "
                                 f"within {self.pause_timeout:g} s (--sync-timeout) to pause "
                                 "for a sync: raise --sync-timeout for long generations, or "
