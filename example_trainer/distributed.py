@@ -112,14 +112,16 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or "1")
 
 
-def init_distributed(cfg: TrainConfig) -> Dist | None:
+def init_distributed(cfg: TrainConfig, *, even_alone: bool = False) -> Dist | None:
     """The process group torchrun described, or None for a single process.
 
     CUDA ranks use NCCL on `cuda:LOCAL_RANK`; CPU ranks (``--device cpu``, or no CUDA)
     use gloo. Refuses unsupported combinations first (`check_distributed_support`).
+    `even_alone`: a one-rank group too (FSDP2 on one device, for the benchmark and the GPU
+    tests that a machine with one GPU can run), given torchrun's RANK and MASTER_* variables.
     """
     world = world_size_from_env()
-    if world <= 1:
+    if world <= 1 and not (even_alone and "RANK" in os.environ):
         return None
     check_distributed_support(cfg, world)
     from torch.distributed.device_mesh import init_device_mesh
@@ -382,10 +384,21 @@ def gather_full_state_dict(model: torch.nn.Module, *, trainable_only: bool = Fal
                            ) -> dict[str, torch.Tensor]:
     """The whole model's state dict on rank 0, in CPU memory (empty on other ranks): for
     syncing a sharded model's weights to vLLM or saving it in Hugging Face format.
-    `trainable_only`: just the parameters that train (a LoRA adapter, not the frozen base)."""
+    `trainable_only`: just the parameters that train (a LoRA adapter, not the frozen base),
+    gathered one by one: torch's `ignore_frozen_params` still gathers a tied lm_head (the
+    embedding matrix, larger than the adapter) because it is no named parameter of its own."""
+    if trainable_only:
+        keep = torch_dist.get_rank() == 0
+        adapter = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                if keep:
+                    adapter[name] = full.detach().to("cpu", copy=True)
+        return adapter
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
+        full_state_dict=True, cpu_offload=True))
 
 
 __all__ = ["Dist", "SHARDED_OPTIMIZERS", "batch_share", "broadcast_batch", "broadcast_object",

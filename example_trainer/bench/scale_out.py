@@ -3,7 +3,8 @@
 ``python -m example_trainer.bench.scale_out --ranks 2 [--model DIR] [--out scale_out.json]``
 
 Runs the same steps (synthetic GRPO batches, same seed, same global batch) once as a single
-process and once under torchrun with ``--ranks`` ranks (FSDP2; gloo on CPU, NCCL on CUDA),
+process and once under torchrun with ``--ranks`` ranks (FSDP2; gloo on CPU, NCCL on CUDA;
+``--ranks 1`` is FSDP2 on a one-rank group, its cost on one GPU against the plain process),
 and prints, side by side, what each rank holds of the training state right after an
 optimizer step (its shards of the parameters, their gradients and the optimizer state: the
 memory sharding divides) and the trained tokens per second of the whole group. On the 2-core
@@ -79,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = TrainConfig(model=args.model, device=args.device, dtype=args.dtype,
                       optimizer=args.optimizer, lr=1e-6, batch_size=args.batch_size,
                       micro_batch_size=args.micro_batch_size)
-    dist = init_distributed(cfg)
+    dist = init_distributed(cfg, even_alone=args.sharded)
     torch.manual_seed(0)
     model, tokenizer = load_model(cfg)
     if dist is not None:
@@ -126,31 +127,34 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_world(args: argparse.Namespace, ranks: int, out_dir: Path) -> list[dict[str, Any]]:
-    """The worker on `ranks` ranks (torchrun) or as one plain process; each rank's result."""
+    """The worker as one plain process (`ranks` 0) or on `ranks` FSDP2 ranks (torchrun);
+    each rank's result."""
     out_dir.mkdir(parents=True, exist_ok=True)
     worker_args = ["-m", "example_trainer.bench.scale_out", "--worker-out", str(out_dir),
                    *args.passthrough]
-    if ranks == 1:
+    if ranks == 0:
         command = [sys.executable, *worker_args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node", str(ranks), *worker_args]
-    log.info("training %d step(s) on %d rank(s)", args.steps, ranks)
+                   "--nproc-per-node", str(ranks), *worker_args, "--sharded"]
+    log.info("training %d step(s) %s", args.steps,
+             f"on {ranks} FSDP2 rank(s)" if ranks else "in one plain process")
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(
-        max(1, (os.cpu_count() or 1) // ranks))}, timeout=args.timeout)
+        max(1, (os.cpu_count() or 1) // max(1, ranks)))}, timeout=args.timeout)
     if done.returncode != 0:
-        raise SystemExit(f"the {ranks}-rank run failed (exit {done.returncode}); its output "
+        raise SystemExit(f"the {ranks or 'one-process'}-rank run failed (exit {done.returncode}); its output "
                          "is above")
     return [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
 
 
 def summarize(results: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per world size: the largest rank's state, tokens/s; ratios against one rank."""
+    """Per world size (0: the plain process): the largest rank's state, tokens/s; ratios
+    against the plain process."""
     rows = {}
     for world, ranks in sorted(results.items()):
         state = max((r["state_bytes"] for r in ranks), key=lambda s: sum(s.values()))
         step_s = max(r["step_s"] for r in ranks)
-        rows[world] = {"ranks": world, "state_mib_per_rank": {k: v / MIB for k, v in
+        rows[world] = {"ranks": world or 1, "fsdp2": world > 0, "state_mib_per_rank": {k: v / MIB for k, v in
                                                              state.items()},
                        "total_mib_per_rank": sum(state.values()) / MIB,
                        "step_s": step_s, "tokens_per_s": ranks[0]["tokens_per_step"] / step_s,
@@ -164,22 +168,26 @@ def summarize(results: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def table(summary: dict[str, Any]) -> str:
-    lines = ["ranks | params | grads | optimizer | state/rank MiB | vs 1 rank | step s | "
-             "tokens/s | vs 1 rank",
-             "---|---|---|---|---|---|---|---|---"]
+    lines = ["ranks | params | grads | optimizer | state/rank MiB | vs 1 process | step s | "
+             "tokens/s | vs 1 process | CUDA peak/rank MiB",
+             "---|---|---|---|---|---|---|---|---|---"]
     for r in summary["rows"]:
         s = r["state_mib_per_rank"]
-        lines.append(f"{r['ranks']} | {s['params']:.1f} | {s['grads']:.1f} | "
+        peak = r["cuda_peak_mib_per_rank"]
+        label = f"{r['ranks']} FSDP2" if r["fsdp2"] else "1 process"
+        lines.append(f"{label} | {s['params']:.1f} | {s['grads']:.1f} | "
                      f"{s['optimizer']:.1f} | {r['total_mib_per_rank']:.1f} | "
                      f"{r['memory_vs_1']:.2f}x | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tokens_per_s_vs_1']:.2f}x")
+                     f"{r['tokens_per_s_vs_1']:.2f}x | "
+                     f"{'-' if peak is None else f'{peak:.0f}'}")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m example_trainer.bench.scale_out",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ranks", type=int, default=2, help="ranks to compare with one")
+    parser.add_argument("--ranks", type=int, default=2, help="FSDP2 ranks to compare with "
+                        "one plain process (1: FSDP2's own cost on one device)")
     parser.add_argument("--model", default="", help="model directory (default: the "
                         "embedded default model)")
     parser.add_argument("--steps", type=int, default=4)
@@ -194,9 +202,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds each run may take")
     parser.add_argument("--out", default="", help="write the figures as JSON here")
     parser.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--sharded", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.ranks < 2:
-        parser.error("--ranks must be at least 2 (it is compared with one rank)")
+    if args.ranks < 1:
+        parser.error("--ranks must be at least 1 (FSDP2 ranks, compared with one process)")
     if args.batch_size % 2:
         parser.error("--batch-size must be even (groups of 2)")
     return args
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                         for f in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
     with tempfile.TemporaryDirectory() as tmp:
         results = {world: run_world(args, world, Path(tmp) / f"world{world}")
-                   for world in (1, args.ranks)}
+                   for world in (0, args.ranks)}
     summary = summarize(results)
     summary["config"] = {k: v for k, v in vars(args).items() if k != "passthrough"}
     print(table(summary))  # noqa: T201 - the benchmark's report
