@@ -380,6 +380,18 @@ def distributed_step(model: torch.nn.Module, optimizer: Any, batch: Batch, dist:
     return {**metrics, **apply_update(model, optimizer, step_cfg, scheduler)}
 
 
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole of a parameter, gathered if sharded (a collective: every rank calls it).
+    A shard FSDP2 keeps in CPU memory (`--optimizer adamw_cpu`) is gathered on the rank's
+    device, because NCCL gathers only device memory."""
+    if not hasattr(param, "full_tensor"):
+        return param
+    mesh_device = param.device_mesh.device_type
+    if param.device.type != mesh_device:
+        param = param.to(mesh_device)
+    return param.full_tensor()
+
+
 def gather_full_state_dict(model: torch.nn.Module, *, trainable_only: bool = False
                            ) -> dict[str, torch.Tensor]:
     """The whole model's state dict on rank 0, in CPU memory (empty on other ranks): for
@@ -392,7 +404,7 @@ def gather_full_state_dict(model: torch.nn.Module, *, trainable_only: bool = Fal
         adapter = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
-                full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                full = full_tensor(param)
                 if keep:
                     adapter[name] = full.detach().to("cpu", copy=True)
         return adapter
@@ -403,6 +415,7 @@ def gather_full_state_dict(model: torch.nn.Module, *, trainable_only: bool = Fal
 
 __all__ = ["Dist", "SHARDED_OPTIMIZERS", "batch_share", "broadcast_batch", "broadcast_object",
            "build_sharded_optimizer", "check_distributed_support", "collective_timeout",
-           "decoder_layers", "distributed_step", "gather_full_state_dict", "init_distributed",
+           "decoder_layers", "distributed_step", "full_tensor", "gather_full_state_dict",
+           "init_distributed",
            "mode_runs_sharded", "rank_rows", "reduce_metrics", "shard_model",
            "world_size_from_env"]

@@ -23,6 +23,7 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
+from example_trainer.step import model_device
 from example_trainer.vllm.client import VLLMClient
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def trainer_probe_logprobs(model: torch.nn.Module, token_ids: Sequence[int]) -> 
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
+        device = model_device(model)  # a sharded model's rank device
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=device)  # (1, T)
         logits = model(input_ids=ids).logits[0, :-1].float()  # (T-1, V)
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -93,7 +93,10 @@ def as_step_config(cfg: StepConfig | TrainConfig) -> StepConfig:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the forward runs: a sharded model's rank device, which is not where its
+    parameters live under FSDP2's CPU offload (`--optimizer adamw_cpu`)."""
+    data_parallel = getattr(model, "data_parallel", None)
+    return data_parallel.device if data_parallel is not None else next(model.parameters()).device
 
 
 @dataclass(frozen=True)

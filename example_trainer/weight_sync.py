@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from .distributed import full_tensor
 from .vllm.client import VLLMClient
 from .vllm.server import free_port
 from .vllm.worker_extension import barrier, broadcast, make_group
@@ -117,7 +118,9 @@ class AdapterBroadcaster:
         if not params:
             raise ValueError("the model has no trainable LoRA parameters to broadcast")
         self.params = [params[i] for i in bucket_order([n for n, _ in params])]
-        device = self.params[0][1].device
+        # A sharded model computes (and gathers) on its rank's device, wherever FSDP2 keeps
+        # the shards (in CPU memory under --optimizer adamw_cpu).
+        device = data_parallel.device if self.sharded else self.params[0][1].device
         self.backend = resolve_backend(backend, device)
         bucket_device = device if self.backend == "nccl" else torch.device("cpu")
         dtypes = list(dict.fromkeys(p.dtype for _, p in self.params))
@@ -165,7 +168,7 @@ class AdapterBroadcaster:
                 self._alias()
             return
         for group, bucket in zip(self.groups, self.buckets):
-            torch.cat([(p.full_tensor() if self.sharded else p).detach().reshape(-1)
+            torch.cat([(full_tensor(p) if self.sharded else p).detach().reshape(-1)
                        for p in group], out=bucket)
 
     def _rpc(self, method: str, **kwargs: Any) -> _Call:

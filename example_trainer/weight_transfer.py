@@ -37,6 +37,7 @@ import torch
 from vllm.distributed.weight_transfer.base import (ModuleSource, ParamMeta, TrainerInitInfo,
                                                    TrainerWeightTransferEngine, WeightSource)
 
+from .distributed import full_tensor
 from .vllm.client import VLLMClient
 from .vllm.gloo_engine import GlooInitInfo, as_bytes, plan_buckets
 from .vllm.plugin import BACKEND, register
@@ -192,7 +193,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         other than 0 runs only its part of the gathers, in the same order as rank 0."""
         assert self.source is not None
         if not self.is_sender:
-            for _ in self.source:  # ModuleSource: full_tensor() of each sharded parameter
+            for _ in self.source:  # RankDeviceSource: one gather per sharded parameter
                 pass
             return
         assert self.group is not None
@@ -233,6 +234,20 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 log.warning("weight-transfer group shutdown: %s", exc)
 
 
+class RankDeviceSource(ModuleSource):
+    """vLLM's ModuleSource, gathering each sharded parameter on the rank's device: under
+    FSDP2's CPU offload (`--optimizer adamw_cpu`) the shards sit in CPU memory, and NCCL
+    gathers only device memory."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__(module)
+        self.module = module
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in self.module.named_parameters():
+            yield name, full_tensor(param)
+
+
 def _answer(fn: Callable[[], Any], what: str, timeout_s: float) -> Any:
     """A control-plane call in a thread, so even a server that accepts the connection and
     never answers fails after the timeout."""
@@ -254,7 +269,8 @@ class FullWeightSender:
         self.world_size, self.host = 1 + workers, host
         data_parallel = getattr(model, "data_parallel", None)  # FSDP2 under torchrun
         self.rank = 0 if data_parallel is None else data_parallel.rank  # rank 0 sends
-        device = next(model.parameters()).device
+        device = (next(model.parameters()).device if data_parallel is None
+                  else data_parallel.device)  # shards may sit in CPU memory (adamw_cpu)
         self.backend = resolve_backend(backend, device)
         self.http = HTTPWeightSyncClient(client, timeout_s)
         self.engine: Any = None
@@ -272,7 +288,7 @@ class FullWeightSender:
                 packed=True, packed_buffer_size_bytes=self.bucket_bytes, rank=self.rank)
             # vLLM's NCCL rendezvous has no timeout of its own: bound it here
             self.engine = _Call(lambda: WeightTransferTrainerFactory.trainer_init(
-                info, client=self.http, source=ModuleSource(self.model)),
+                info, client=self.http, source=RankDeviceSource(self.model)),
                 "the NCCL weight-transfer rendezvous").join(self.timeout_s + RPC_SLACK_S)
         else:
             info = GlooTrainerInitInfo(master_address=self.host, master_port=port,
@@ -280,7 +296,7 @@ class FullWeightSender:
                                        bucket_bytes=self.bucket_bytes,
                                        timeout_s=self.timeout_s, load=self.load, rank=self.rank)
             self.engine = WeightTransferTrainerFactory.trainer_init(
-                info, client=self.http, source=ModuleSource(self.model))
+                info, client=self.http, source=RankDeviceSource(self.model))
         self.broken = False
         log.info("weight-transfer group up: %s:%d, %s, %.2f MiB buckets", self.host, port,
                  self.backend, self.bucket_bytes / 2**20)

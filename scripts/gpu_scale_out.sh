@@ -11,7 +11,7 @@ if [[ -n ${SCALE_OUT_QUICK:-} ]]; then
   SHAPE="hidden_size=64, num_layers=2, num_heads=2"; FLAGS="--steps 2 --device cpu"
 else
   SHAPE="hidden_size=2048, num_layers=16, num_heads=16"
-  FLAGS="--steps 4 --batch-size 16 --micro-batch-size 4 --prompt-len 128 --completion-len 512"
+  FLAGS="--steps 6 --batch-size 16 --micro-batch-size 4 --prompt-len 128 --completion-len 512"
 fi
 MODEL=${TMPDIR:-/tmp}/scale-out-model
 "$PYTHON" -c "from example_trainer.tiny_model import build_tiny_model as b; b('$MODEL', $SHAPE)"

@@ -45,14 +45,20 @@ def configs(device: str, dtype: str, optimizer: str) -> tuple[TrainConfig, StepC
     return cfg, StepConfig.from_config(cfg)
 
 
-def one_process(device: str, model_kind: str = "llama") -> dict[str, torch.Tensor]:
-    """The reference: fp32 AdamW on the device, no process group."""
+PROBE = [3, 17, 5, 42, 8, 11, 60, 2]
+
+
+def one_process(device: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The reference: fp32 AdamW on the device, no process group; parameters and the
+    parity probe's log-probs after the steps."""
+    from example_trainer.parity import trainer_probe_logprobs
     cfg, step_cfg = configs(device, "float32", "adamw")
-    model = build_model(model_kind).to(device)
+    model = build_model("llama").to(device)
     optimizer = build_optimizer("adamw", model.parameters(), cfg.lr)
     for _ in range(STEPS):
         grpo_step(model, optimizer, varied_batch(), step_cfg)
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    return ({n: p.detach().cpu().clone() for n, p in model.named_parameters()},
+            trainer_probe_logprobs(model, PROBE))
 
 
 def sharded_steps(device: str, dtype: str, optimizer_name: str) -> dict:
@@ -60,6 +66,7 @@ def sharded_steps(device: str, dtype: str, optimizer_name: str) -> dict:
     from example_trainer.distributed import (broadcast_batch, build_sharded_optimizer,
                                              distributed_step, gather_full_state_dict,
                                              init_distributed, shard_model)
+    from example_trainer.parity import trainer_probe_logprobs
     cfg, step_cfg = configs(device, dtype, optimizer_name)
     dist = init_distributed(cfg, even_alone=True)
     assert dist is not None and dist.backend == ("nccl" if device == "cuda" else "gloo")
@@ -71,26 +78,33 @@ def sharded_steps(device: str, dtype: str, optimizer_name: str) -> dict:
     for _ in range(STEPS):
         batch = broadcast_batch(dist, varied_batch() if dist.is_main else None)
         distributed_step(model, optimizer, batch, dist, step_cfg)
+    probe = trainer_probe_logprobs(model, PROBE)  # a collective forward, on the rank device
     full = gather_full_state_dict(model)
     return {"params": {n: t.clone() for n, t in full.items()}, "placement": placement,
+            "probe": probe,
             "peak_mib": (torch.cuda.max_memory_allocated(dist.device) / 2**20
                          if device == "cuda" else 0.0)}
 
 
-def sharded_adapter(device: str) -> dict:
+def sharded_adapter(device: str, optimizer: str = "adamw") -> dict:
     """On each rank: a sharded LoRA model's adapter, gathered the two ways a sync does
     (lora_hotswap's trainable-only state dict; lora_nccl's send buckets, on the device for
-    NCCL), against the full tensors."""
-    from example_trainer.distributed import gather_full_state_dict, init_distributed, shard_model
+    NCCL), against the full tensors. adamw_cpu: from shards in CPU memory."""
+    from example_trainer.distributed import (full_tensor, gather_full_state_dict,
+                                             init_distributed, shard_model)
     from example_trainer.weight_sync import AdapterBroadcaster
-    cfg, _ = configs(device, "float32", "adamw")
+    cfg, _ = configs(device, "float32", optimizer)
     dist = init_distributed(cfg, even_alone=True)
     assert dist is not None
     model = shard_model(build_model("lora").to(dist.device), cfg, dist)
     broadcaster = AdapterBroadcaster(None, model, "adapter", backend="nccl" if device == "cuda"
                                      else "gloo")  # type: ignore[arg-type]  # no vLLM here
     assert broadcaster.sharded and broadcaster.sends == dist.is_main
-    expected = torch.cat([p.full_tensor().detach().reshape(-1) for _, p in broadcaster.params])
+    bucket_device = broadcaster.buckets[0].device
+    # One rank holds the whole of each shard; more ranks gather it (on their device).
+    whole = (lambda p: p.to_local()) if dist.world_size == 1 else full_tensor
+    expected = torch.cat([whole(p).detach().reshape(-1).to(bucket_device)
+                          for _, p in broadcaster.params])
     adapter = gather_full_state_dict(model, trainable_only=True)
     return {"bucket_device": broadcaster.buckets[0].device.type,
             "bucket_equal": bool(torch.equal(broadcaster.buckets[0], expected)),
@@ -105,10 +119,11 @@ def sharded_adapter(device: str) -> dict:
 def test_fsdp2_on_cuda_equals_one_process(dtype, optimizer):
     ranks = run_ranks(world(), sharded_steps, "cuda", dtype, optimizer, timeout=300)
     result = ranks[0]
-    expected = one_process("cuda")
+    expected, expected_probe = one_process("cuda")
     initial = {n: p.detach() for n, p in build_model("llama").named_parameters()}
-    params = result["params"]
-    assert params.keys() == expected.keys()
+    # The state dict also names the tied lm_head, which named_parameters() does not.
+    assert expected.keys() <= result["params"].keys()
+    params = {n: result["params"][n] for n in expected}
     assert all(t.device.type == "cpu" for t in params.values())  # gathered with CPU offload
     # adamw_cpu: the shards live in CPU memory (FSDP2's CPUOffloadPolicy), else on the GPU.
     assert result["placement"] == {"cpu" if optimizer == "adamw_cpu" else "cuda"}
@@ -121,13 +136,15 @@ def test_fsdp2_on_cuda_equals_one_process(dtype, optimizer):
     assert max(float((expected[n] - initial[n]).abs().max()) for n in params) > 1e-4
     if dtype == "float32":
         assert worst <= 1e-5, worst
+        assert torch.allclose(result["probe"], expected_probe, atol=1e-4)
     else:  # bf16 compute: the fp32 update, roughly
         assert off / moved < 0.1, off / moved
 
 
 @on_cuda
-def test_fsdp2_adapter_gathers_on_cuda():
-    [result, *_] = run_ranks(world(), sharded_adapter, "cuda", timeout=300)
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_cpu"])
+def test_fsdp2_adapter_gathers_on_cuda(optimizer):
+    [result, *_] = run_ranks(world(), sharded_adapter, "cuda", optimizer, timeout=300)
     assert result["bucket_device"] == "cuda"  # NCCL sends from device buckets
     check_adapter(result)
 

@@ -42,11 +42,15 @@ def local_bytes(tensor: torch.Tensor) -> int:
 
 def training_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer
                          ) -> dict[str, int]:
-    """Parameters, gradients and optimizer state this rank holds now."""
+    """Parameters (with fp32 masters, where a bf16 model has them), gradients and optimizer
+    state this rank holds now."""
     params = list(model.parameters())
-    return {"params": sum(local_bytes(p) for p in params),
+    masters = sum(optimizer.master_bytes().values()) if hasattr(optimizer, "master_bytes") \
+        else 0
+    inner = getattr(optimizer, "inner", optimizer)  # MasterWeightsOptimizer's AdamW
+    return {"params": sum(local_bytes(p) for p in params) + masters,
             "grads": sum(local_bytes(p.grad) for p in params if p.grad is not None),
-            "optimizer": sum(local_bytes(v) for state in optimizer.state.values()
+            "optimizer": sum(local_bytes(v) for state in inner.state.values()
                              for v in state.values()
                              if isinstance(v, torch.Tensor) and v.dim() > 0)}
 
