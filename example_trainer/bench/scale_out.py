@@ -92,7 +92,8 @@ def worker(args: argparse.Namespace) -> None:
         optimizer = build_sharded_optimizer(cfg, model)
     else:
         optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
-    device = next(model.parameters()).device
+    # The rank's device: under CPU offload FSDP2 keeps the shards in CPU memory.
+    device = dist.device if dist is not None else next(model.parameters()).device
     peak: dict[str, int] = {}
 
     def measure(*_: Any) -> None:  # after the update: gradients and state both present
