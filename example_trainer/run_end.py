@@ -30,7 +30,7 @@ def save_final_checkpoint(run: "TrainingRun", exc: BaseException) -> Path | None
             log.error("no final checkpoint: not every rank reached it (%s); resume from "
                       "the last one in %s", str(err).splitlines()[0], cfg.save_path)
             return None
-    if run._in_update:
+    if run.in_update:
         log.error("the optimizer update was cut short by %s, so parameters may be half "
                   "updated: no final checkpoint; resume from the last one in %s",
                   type(exc).__name__, cfg.save_path)
@@ -46,7 +46,7 @@ def save_final_checkpoint(run: "TrainingRun", exc: BaseException) -> Path | None
         path = run.checkpoints.root / f"step-{done:06d}"
         what = f"checkpoint {path} (already saved)"
     elif done == run.start_step and broadcast_or_local(
-            run.dist, pending == run._resumed_pending):
+            run.dist, pending == run.resumed_pending):
         what = ("no new checkpoint (nothing trained since "
                 + (f"resuming from {cfg.resume})" if cfg.resume else "the start)"))
     else:

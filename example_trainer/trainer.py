@@ -352,18 +352,18 @@ class TrainingRun:
         # Where the final checkpoint of an interrupted run may stand: SIGINT/SIGTERM wait
         # while an optimizer update runs, and the hooks record which step it belonged to.
         self._updated_step = self.start_step   # last step whose optimizer update finished
-        self._in_update = False                # an update started and has not finished
-        self._resumed_pending = list(self.fetcher.replay)
+        self.in_update = False  # an update started and has not finished (run_end reads it)
+        self.resumed_pending = list(self.fetcher.replay)  # batches the resume brought back
         self._sync_bytes = 0  # bytes of served weights written since the last step record
         self.recorder.add_source(self._pop_sync_bytes)
         self._probe: ParityProbe | None = None
         self._synced_step = self.start_step  # the last step whose weights vLLM serves
 
         def started() -> None:
-            self._in_update = True
+            self.in_update = True
 
         def finished() -> None:
-            self._in_update = False
+            self.in_update = False
             self._updated_step = self.fetcher.in_flight_step
 
         guard_optimizer_updates(self.optimizer, on_start=started, on_done=finished)
