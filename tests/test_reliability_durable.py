@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow  # real trainer processes and training steps
 STEPS, BATCH = 8, 4  # groups of 2 sequences: two groups per batch
 
 TAG_MODE = '''
-import json, os, signal
+import json, os, signal, time
 from example_trainer.step import grpo_step
 from example_trainer.trainer import TrainingRun
 
@@ -59,6 +59,7 @@ def train(cfg):
             with open(os.environ["CONSUMED"], "a") as fh:
                 fh.write(json.dumps([step, [g["tag"] for g in run.fetcher.in_flight]]) + "\\n")
             run.checkpoints.maybe_save(step, cfg.steps, **run.state())
+            time.sleep(float(os.environ.get("STEP_PAUSE_S", "0")))  # room to act between steps
     return run.results
 '''
 
@@ -140,8 +141,10 @@ def test_api_sigkilled_and_restarted_on_its_database_loses_nothing(tiny_model_di
     trainer = None
     try:
         post_groups(url, groups[:12])  # steps 1-6; the rest after the restart
+        # Tiny steps take milliseconds: without a pause between them the trainer could take
+        # every queued group before the test sees step 2, and the kill would prove nothing.
         trainer = start_trainer(mode, url, save, tmp_path / "t.log", consumed,
-                                MODEL=str(tiny_model_dir))
+                                MODEL=str(tiny_model_dir), STEP_PAUSE_S="1.5")
         wait_until(lambda: len(records(consumed)) >= 2, "step 2", trainer, tmp_path / "t.log")
         kill_group(server)  # whatever the trainer was doing: training, or inside /batch
         queued = sqlite3.connect(db).execute(
