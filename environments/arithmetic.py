@@ -33,6 +33,10 @@ from .sampling import VLLMRequestError, VLLMUnavailable
 log = logging.getLogger(__name__)
 
 PROMPT = "What is {expr}? Answer with just the number."
+# An empty system turn: without one, SmolLM2's chat template inserts its default system text,
+# 16 of the 43 prompt tokens, which every training step runs forward and backward (and which
+# the model does not need here: 0.20 at T=1 on 256 held-out problems without it, 0.22 with).
+SYSTEM_MESSAGE = {"role": "system", "content": ""}
 DIFFICULTIES = (1, 2, 3, 4)
 DEFAULT_HELDOUT_FRACTION = 0.2
 
@@ -107,7 +111,8 @@ class ArithmeticItem(Item):
 
 
 def make_item(expr: str) -> ArithmeticItem:
-    return ArithmeticItem(messages=[{"role": "user", "content": PROMPT.format(expr=expr)}],
+    return ArithmeticItem(messages=[dict(SYSTEM_MESSAGE),
+                                    {"role": "user", "content": PROMPT.format(expr=expr)}],
                           answer=evaluate_expression(expr), expression=expr)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from environments.arithmetic import (DIFFICULTIES, PROMPT, ArithmeticEnv,
+from environments.arithmetic import (DIFFICULTIES, PROMPT, SYSTEM_MESSAGE, ArithmeticEnv,
                                      eval_items, extract_answer, make_item)
 from environments.api_client import TrajectoryClient as EnvApiClient
 from environments.base import (Completion, EnvConfig, EnvStats, Environment, Item,
@@ -92,8 +92,8 @@ def test_generated_answers_are_correct(difficulty: int) -> None:
         item = env.get_prompt(env.rng)
         assert re.fullmatch(r"[0-9+\-*()]+", item.expression)
         assert item.answer == eval(item.expression)  # noqa: S307 - digits and + - * ( ) only
-        assert item.messages == [{"role": "user",
-                                  "content": PROMPT.format(expr=item.expression)}]
+        assert item.messages == [SYSTEM_MESSAGE, {"role": "user",
+                                                  "content": PROMPT.format(expr=item.expression)}]
 
 
 def test_difficulty_levels_have_their_shape() -> None:
@@ -267,6 +267,24 @@ def test_prompt_ids_with_real_chat_template(tiny_model_dir) -> None:
     assert all(isinstance(t, int) for t in ids)
     text = tok.decode(ids)
     assert text.endswith("<|im_start|>assistant\n") and "What is 1+1?" in text
+
+
+def test_prompt_skips_the_templates_default_system_text(tiny_model_dir) -> None:
+    """SmolLM2's template adds its own system text when the first turn is not a system
+    one; the task's empty system turn keeps those tokens out of every training sequence."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    default = "You are a helpful AI assistant"
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\n" + default + "<|im_end|>\\n' }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{{ '<|im_start|>assistant\\n' }}")
+    user_only = [make_item("1+1").messages[-1]]
+    assert default in tok.apply_chat_template(user_only, tokenize=False)  # the template's
+    env = ArithmeticEnv(EnvConfig(), tokenizer=tok)
+    text = tok.decode(env.prompt_ids(make_item("1+1")))
+    assert default not in text and "What is 1+1?" in text
 
 
 def test_vllm_down_is_retried_then_given_up() -> None:
