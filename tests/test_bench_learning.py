@@ -3,8 +3,10 @@ clock, time to an accuracy, the table and the chart, with hand-computed values."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from conftest import REPO
 from example_trainer.bench import compare, learning
 from example_trainer.bench.__main__ import parse_args
 from example_trainer.bench.report import report_text
@@ -109,8 +111,14 @@ def test_learning_chart_is_a_png(tmp_path):
 
 def test_learning_flag_runs_each_mode_like_run_sh_with_evaluations():
     s = parse_args(["--learning"])
+    # The same work as run.sh's default run, read from run.sh itself.
+    run_sh = (REPO / "run.sh").read_text()
+    flags = dict(re.findall(r"(--[a-z-]+) (\d+)", run_sh.split("TRAINER_ARGS=(", 1)[1]
+                            .split("\nrun_", 1)[0]))
     assert s.learning and (s.steps, s.batch_size, s.micro_batch_size, s.group_size,
-                           s.max_tokens) == (12, 16, 16, 8, 32)
+                           s.max_tokens) == tuple(int(flags[f]) for f in (
+                               "--steps", "--batch-size", "--micro-batch-size",
+                               "--group-size", "--max-tokens")) == (14, 16, 16, 8, 32)
     assert (s.eval_every, s.eval_size) == (2, 64)
     cmd = compare.trainer_command("lora_nccl", s, "http://x", 1234, Path("/r"))
     at = cmd.index("--eval-every")
