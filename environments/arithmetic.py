@@ -23,8 +23,10 @@ import operator
 import random
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
+
+from jinja2 import TemplateError
 
 from .api_client import ApiUnavailable
 from .base import EnvConfig, Environment, Item, add_common_args, config_from_args, setup_logging
@@ -204,6 +206,16 @@ class ArithmeticEnv(Environment):
         self.difficulty = difficulty
         self.heldout_fraction = heldout_fraction
         self.partial_credit = partial_credit
+
+    def prompt_ids(self, item: Item) -> list[int]:
+        """The task's prompt; a chat template that refuses a system turn (Gemma's, for one)
+        gets the user turn alone."""
+        try:
+            return super().prompt_ids(item)
+        except TemplateError:
+            if item.messages[:1] != [SYSTEM_MESSAGE]:
+                raise
+            return super().prompt_ids(replace(item, messages=item.messages[1:]))
 
     def get_prompt(self, rng: random.Random) -> ArithmeticItem:
         return draw_item(rng, self.difficulty, heldout=False, fraction=self.heldout_fraction)

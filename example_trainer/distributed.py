@@ -124,6 +124,9 @@ def init_distributed(cfg: TrainConfig, *, even_alone: bool = False) -> Dist | No
     if world <= 1 and not (even_alone and "RANK" in os.environ):
         return None
     check_distributed_support(cfg, world)
+    if cfg.optimizer not in SHARDED_OPTIMIZERS:  # a one-rank group (even_alone) too
+        raise ConfigError(f"--optimizer {cfg.optimizer} cannot run on FSDP2's sharded "
+                          f"parameters; use {' or '.join(SHARDED_OPTIMIZERS)}")
     from torch.distributed.device_mesh import init_device_mesh
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -380,15 +383,16 @@ def distributed_step(model: torch.nn.Module, optimizer: Any, batch: Batch, dist:
     return {**metrics, **apply_update(model, optimizer, step_cfg, scheduler)}
 
 
-def full_tensor(param: torch.Tensor) -> torch.Tensor:
+def full_tensor(param: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """The whole of a parameter, gathered if sharded (a collective: every rank calls it).
-    A shard FSDP2 keeps in CPU memory (`--optimizer adamw_cpu`) is gathered on the rank's
-    device, because NCCL gathers only device memory."""
+    A shard FSDP2 keeps in CPU memory (`--optimizer adamw_cpu`) is gathered on `device`, the
+    rank's (NCCL gathers only device memory). Pass it from a thread of one's own: there a
+    bare "cuda" means cuda:0, not the rank's GPU."""
     if not hasattr(param, "full_tensor"):
         return param
-    mesh_device = param.device_mesh.device_type
-    if param.device.type != mesh_device:
-        param = param.to(mesh_device)
+    target = device if device is not None else torch.device(param.device_mesh.device_type)
+    if param.device.type != target.type:
+        param = param.to(target)
     return param.full_tensor()
 
 
@@ -401,10 +405,12 @@ def gather_full_state_dict(model: torch.nn.Module, *, trainable_only: bool = Fal
     embedding matrix, larger than the adapter) because it is no named parameter of its own."""
     if trainable_only:
         keep = torch_dist.get_rank() == 0
+        data_parallel = getattr(model, "data_parallel", None)
+        device = data_parallel.device if data_parallel is not None else None
         adapter = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
-                full = full_tensor(param)
+                full = full_tensor(param, device)
                 if keep:
                     adapter[name] = full.detach().to("cpu", copy=True)
         return adapter

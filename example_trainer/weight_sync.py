@@ -121,6 +121,7 @@ class AdapterBroadcaster:
         # A sharded model computes (and gathers) on its rank's device, wherever FSDP2 keeps
         # the shards (in CPU memory under --optimizer adamw_cpu).
         device = data_parallel.device if self.sharded else self.params[0][1].device
+        self.device = device
         self.backend = resolve_backend(backend, device)
         bucket_device = device if self.backend == "nccl" else torch.device("cpu")
         dtypes = list(dict.fromkeys(p.dtype for _, p in self.params))
@@ -168,7 +169,7 @@ class AdapterBroadcaster:
                 self._alias()
             return
         for group, bucket in zip(self.groups, self.buckets):
-            torch.cat([(full_tensor(p) if self.sharded else p).detach().reshape(-1)
+            torch.cat([(full_tensor(p, self.device) if self.sharded else p).detach().reshape(-1)
                        for p in group], out=bucket)
 
     def _rpc(self, method: str, **kwargs: Any) -> _Call:

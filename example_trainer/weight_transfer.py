@@ -242,10 +242,13 @@ class RankDeviceSource(ModuleSource):
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__(module)
         self.module = module
+        data_parallel = getattr(module, "data_parallel", None)
+        # Iterated in the sender's thread, where a bare "cuda" would mean cuda:0.
+        self.device = data_parallel.device if data_parallel is not None else None
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, param in self.module.named_parameters():
-            yield name, full_tensor(param)
+            yield name, full_tensor(param, self.device)
 
 
 def _answer(fn: Callable[[], Any], what: str, timeout_s: float) -> Any:

@@ -30,6 +30,16 @@ def test_optimizers_that_cannot_shard_are_refused_in_one_line(optimizer):
     check_distributed_support(TrainConfig(optimizer=optimizer), 1)  # one process: fine
 
 
+def test_a_one_rank_group_refuses_an_optimizer_that_cannot_shard(monkeypatch):
+    """`even_alone` (the benchmark's and GPU tests' one-rank FSDP2 group) shards too, so it
+    refuses what cannot run sharded before any process group exists."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="--optimizer adafactor cannot run on FSDP2"):
+        init_distributed(TrainConfig(optimizer="adafactor", device="cpu"), even_alone=True)
+    assert init_distributed(TrainConfig(optimizer="adafactor")) is None  # a plain process
+
+
 @pytest.mark.parametrize("optimizer", SHARDED_OPTIMIZERS)
 def test_sharded_optimizers_pass(optimizer):
     check_distributed_support(TrainConfig(optimizer=optimizer, mode="legacy"), 4)

@@ -287,6 +287,19 @@ def test_prompt_skips_the_templates_default_system_text(tiny_model_dir) -> None:
     assert default not in text and "What is 1+1?" in text
 
 
+def test_a_template_without_a_system_role_gets_the_user_turn_alone(tiny_model_dir) -> None:
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{{ '<|im_start|>assistant\\n' }}")
+    env = ArithmeticEnv(EnvConfig(), tokenizer=tok)
+    text = tok.decode(env.prompt_ids(make_item("1+1")))
+    assert text.startswith("<|im_start|>user") and "What is 1+1?" in text
+
+
 def test_vllm_down_is_retried_then_given_up() -> None:
     env = ArithmeticEnv(EnvConfig(vllm_url=f"http://127.0.0.1:{free_port()}",
                                   model_name="m", vllm_retry_timeout=1.0),

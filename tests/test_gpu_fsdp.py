@@ -90,27 +90,28 @@ def sharded_adapter(device: str, optimizer: str = "adamw") -> dict:
     """On each rank: a sharded LoRA model's adapter, gathered the two ways a sync does
     (lora_hotswap's trainable-only state dict; lora_nccl's send buckets, on the device for
     NCCL), against the full tensors. adamw_cpu: from shards in CPU memory."""
-    from example_trainer.distributed import (full_tensor, gather_full_state_dict,
-                                             init_distributed, shard_model)
+    from example_trainer.distributed import (gather_full_state_dict, init_distributed,
+                                             shard_model)
     from example_trainer.weight_sync import AdapterBroadcaster
+    from example_trainer.weight_sync import peft_name
     cfg, _ = configs(device, "float32", optimizer)
     dist = init_distributed(cfg, even_alone=True)
     assert dist is not None
-    model = shard_model(build_model("lora").to(dist.device), cfg, dist)
+    model = build_model("lora")  # the adapter before sharding: what the gathers must give
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model = shard_model(model.to(dist.device), cfg, dist)
     broadcaster = AdapterBroadcaster(None, model, "adapter", backend="nccl" if device == "cuda"
                                      else "gloo")  # type: ignore[arg-type]  # no vLLM here
     assert broadcaster.sharded and broadcaster.sends == dist.is_main
-    bucket_device = broadcaster.buckets[0].device
-    # One rank holds the whole of each shard; more ranks gather it (on their device).
-    whole = (lambda p: p.to_local()) if dist.world_size == 1 else full_tensor
-    expected = torch.cat([whole(p).detach().reshape(-1).to(bucket_device)
-                          for _, p in broadcaster.params])
+    by_peft_name = {peft_name(n): t for n, t in before.items()}
+    expected = torch.cat([by_peft_name[name].reshape(-1) for name, _ in broadcaster.params])
     adapter = gather_full_state_dict(model, trainable_only=True)
     return {"bucket_device": broadcaster.buckets[0].device.type,
-            "bucket_equal": bool(torch.equal(broadcaster.buckets[0], expected)),
-            "adapter_keys": sorted(adapter), "adapter_numel": sum(t.numel() for t in
-                                                                 adapter.values()),
-            "expected_numel": expected.numel()}
+            "bucket_equal": bool(torch.equal(broadcaster.buckets[0].cpu(), expected)),
+            "adapter_keys": sorted(adapter),
+            "adapter_equal": bool(adapter) and all(torch.equal(adapter[n], before[n])
+                                                   for n in adapter),
+            "expected_keys": sorted(before)}
 
 
 @on_cuda
@@ -160,6 +161,8 @@ def test_fsdp2_adapter_gathers_on_cpu():
 
 
 def check_adapter(result: dict) -> None:
+    """The buckets and rank 0's adapter hold the LoRA tensors as they were before sharding
+    (nothing trained since), under their unsharded names, and nothing else."""
     assert result["bucket_equal"]
-    assert result["adapter_keys"] and all("lora_" in k for k in result["adapter_keys"])
-    assert result["adapter_numel"] == result["expected_numel"]
+    assert result["adapter_keys"] == result["expected_keys"]
+    assert all("lora_" in k for k in result["adapter_keys"]) and result["adapter_equal"]

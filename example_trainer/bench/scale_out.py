@@ -147,8 +147,9 @@ def run_world(args: argparse.Namespace, ranks: int, out_dir: Path) -> list[dict[
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(
         max(1, (os.cpu_count() or 1) // max(1, ranks)))}, timeout=args.timeout)
     if done.returncode != 0:
-        raise SystemExit(f"the {ranks or 'one-process'}-rank run failed (exit {done.returncode}); its output "
-                         "is above")
+        which = f"{ranks}-rank" if ranks else "one-process"
+        raise SystemExit(f"the {which} run failed (exit {done.returncode}); its output is "
+                         "above")
     return [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
 
 
@@ -159,8 +160,8 @@ def summarize(results: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     for world, ranks in sorted(results.items()):
         state = max((r["state_bytes"] for r in ranks), key=lambda s: sum(s.values()))
         step_s = max(r["step_s"] for r in ranks)
-        rows[world] = {"ranks": world or 1, "fsdp2": world > 0, "state_mib_per_rank": {k: v / MIB for k, v in
-                                                             state.items()},
+        rows[world] = {"ranks": world or 1, "fsdp2": world > 0,
+                       "state_mib_per_rank": {k: v / MIB for k, v in state.items()},
                        "total_mib_per_rank": sum(state.values()) / MIB,
                        "step_s": step_s, "tokens_per_s": ranks[0]["tokens_per_step"] / step_s,
                        "cuda_peak_mib_per_rank": (max(r["cuda_peak_bytes"] for r in ranks) / MIB
