@@ -51,7 +51,8 @@ import torch.distributed as torch_dist
 from .batch import Batch
 from .config import ConfigError, TrainConfig
 from .logprobs import sampled_token_logprobs
-from .step import BatchShare, StepConfig, accumulate_gradients, apply_update, split_batch
+from .step import (BatchShare, StepConfig, accumulate_gradients, apply_update, model_device,
+                   split_batch)
 
 log = logging.getLogger(__name__)
 
@@ -405,8 +406,7 @@ def gather_full_state_dict(model: torch.nn.Module, *, trainable_only: bool = Fal
     embedding matrix, larger than the adapter) because it is no named parameter of its own."""
     if trainable_only:
         keep = torch_dist.get_rank() == 0
-        data_parallel = getattr(model, "data_parallel", None)
-        device = data_parallel.device if data_parallel is not None else None
+        device = model_device(model)  # the rank's, wherever the shards live
         adapter = {}
         for name, param in model.named_parameters():
             if param.requires_grad:

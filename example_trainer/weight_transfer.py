@@ -38,6 +38,7 @@ from vllm.distributed.weight_transfer.base import (ModuleSource, ParamMeta, Trai
                                                    TrainerWeightTransferEngine, WeightSource)
 
 from .distributed import full_tensor
+from .step import model_device
 from .vllm.client import VLLMClient
 from .vllm.gloo_engine import GlooInitInfo, as_bytes, plan_buckets
 from .vllm.plugin import BACKEND, register
@@ -242,9 +243,8 @@ class RankDeviceSource(ModuleSource):
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__(module)
         self.module = module
-        data_parallel = getattr(module, "data_parallel", None)
         # Iterated in the sender's thread, where a bare "cuda" would mean cuda:0.
-        self.device = data_parallel.device if data_parallel is not None else None
+        self.device = model_device(module)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, param in self.module.named_parameters():
@@ -272,9 +272,8 @@ class FullWeightSender:
         self.world_size, self.host = 1 + workers, host
         data_parallel = getattr(model, "data_parallel", None)  # FSDP2 under torchrun
         self.rank = 0 if data_parallel is None else data_parallel.rank  # rank 0 sends
-        device = (next(model.parameters()).device if data_parallel is None
-                  else data_parallel.device)  # shards may sit in CPU memory (adamw_cpu)
-        self.backend = resolve_backend(backend, device)
+        # The rank's device: the shards may sit in CPU memory (adamw_cpu).
+        self.backend = resolve_backend(backend, model_device(model))
         self.http = HTTPWeightSyncClient(client, timeout_s)
         self.engine: Any = None
         self.broken = False
