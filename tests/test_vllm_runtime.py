@@ -95,6 +95,31 @@ def test_health_and_models(server, client):
     assert server.pgid == server.pid
 
 
+def test_every_vllm_process_keeps_to_the_worker_cores(server):
+    """The API server and the engine core run on the worker's cores too: inheriting this
+    process's affinity put them on a pinned trainer's core, beside its training steps."""
+    members = [int(p) for p in os.listdir("/proc") if p.isdigit() and _in_group(int(p),
+                                                                               server.pgid)]
+    assert len(members) >= 3, members  # API server, engine core, worker (and helpers)
+    assert {pid: os.sched_getaffinity(pid) for pid in members} == dict.fromkeys(members, {0})
+
+
+def _in_group(pid: int, pgid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pgid
+    except ProcessLookupError:
+        return False
+
+
+def test_core_lists_parse_as_vllm_reads_them():
+    from example_trainer.vllm.server import parse_core_list
+    assert parse_core_list("0") == {0}
+    assert parse_core_list("0,2") == {0, 2}
+    assert parse_core_list("1-3") == {1, 2, 3}
+    assert parse_core_list("0-1|4-5") == {0, 1, 4, 5}  # one range per worker
+    assert parse_core_list("auto") == parse_core_list("nobind") == set()
+
+
 def test_default_probe_is_deterministic_chat(tokenizer, probe):
     assert probe == default_probe_tokens(tokenizer)
     text = tokenizer.decode(probe)
@@ -173,6 +198,30 @@ def test_pause_abort_raises_generation_aborted(server, client, probe):
         client.resume()
     assert "exc" in caught, "32 x 480 tokens finished before the pause (or the abort was lost)"
     assert caught["exc"].partial and all(c.finish_reason == "abort" for c in caught["exc"].partial)
+    assert len(client.completions(probe[:4], max_tokens=2)[0].token_ids) == 2
+
+
+def test_a_pause_that_times_out_leaves_the_server_resumed(server, client, probe):
+    """vLLM holds new requests from the moment /pause arrives: when the drain outlasts the
+    sync timeout, the client must resume before it raises, or a server given with
+    --vllm-url would stay paused for good."""
+    from example_trainer.vllm import VLLMError
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(out=client.completions(
+        probe[:4], n=32, max_tokens=480, temperature=1.0, ignore_eos=True)))
+    worker.start()
+    while running_requests(server.url) < 1 and worker.is_alive():
+        worker.join(timeout=0.05)
+    impatient = VLLMClient(server.url, timeout=300, pause_timeout=0.5)
+    try:
+        with pytest.raises(VLLMError, match="did not finish its running requests"):
+            with impatient.paused("wait"):
+                pytest.fail("the pause should have timed out")
+        assert not client.is_paused()
+    finally:
+        worker.join(timeout=300)
+        client.resume()
+    assert len(result["out"]) == 32  # the running generation went on to its end
     assert len(client.completions(probe[:4], max_tokens=2)[0].token_ids) == 2
 
 

@@ -21,6 +21,7 @@ others). Without a secret a non-loopback host is refused before anything starts.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import logging
 import os
@@ -102,6 +103,21 @@ def _tail(path: Path, n: int) -> list[str]:
             return [line.rstrip("\n") for line in deque(fh, maxlen=n)]
     except OSError:
         return []
+
+
+def parse_core_list(spec: str) -> set[int]:
+    """The cores of a VLLM_CPU_OMP_THREADS_BIND value ("0", "0,2", "0-3", "0-1|2-3" for
+    several workers); empty for the keywords vLLM also takes ("auto", "nobind", "all")."""
+    cores: set[int] = set()
+    for part in spec.replace("|", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())):
+            return set()
+        cores.update(range(int(first), int(last if dash else first) + 1))
+    return cores
 
 
 class VLLMServer:
@@ -256,6 +272,17 @@ class VLLMServer:
         cmd += self.extra_args
         return cmd
 
+    def _confine_to_cores(self) -> None:
+        """In the child, before vLLM starts: every vLLM process (API server, engine core,
+        worker) on `cpu_cores`. Without it the API server and the engine core inherit the
+        caller's affinity, which for a pinned trainer is the trainer's own core: their
+        per-token work (scheduling, detokenising) then ran there, beside the training step,
+        and only the worker kept to its core."""
+        cores = parse_core_list(self.cpu_cores)
+        if cores:
+            with contextlib.suppress(OSError):  # a core we may not use: vLLM's call then
+                os.sched_setaffinity(0, cores)
+
     def environment(self) -> dict[str, str]:
         """The child's environment: ours plus the vLLM switches the options imply."""
         env = dict(os.environ)
@@ -301,7 +328,8 @@ class VLLMServer:
         t0 = time.monotonic()
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=self._log_fh, stderr=subprocess.STDOUT,
-            env=self.environment(), start_new_session=True)
+            env=self.environment(), start_new_session=True,
+            preexec_fn=None if self.gpu else self._confine_to_cores)
         self._pgid = self._proc.pid  # a new session's leader: pgid == pid
         atexit.register(self.stop)
         try:
