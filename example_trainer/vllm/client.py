@@ -270,6 +270,9 @@ class VLLMClient:
                                     f"{self.pause_timeout:g} s (--sync-timeout) nor /health "
                                     "after it: the server hangs or is gone; see its "
                                     "log") from exc
+                # vLLM holds new requests from the moment /pause arrives, drained or not:
+                # resume, or a server given with --vllm-url would stay paused after we exit.
+                self._resume_quietly()
                 raise VLLMError(f"vLLM at {self.url} did not finish its running requests "
                                 f"within {self.pause_timeout:g} s (--sync-timeout) to pause "
                                 "for a sync: raise --sync-timeout for long generations, or "
@@ -283,6 +286,13 @@ class VLLMClient:
             yield
         finally:
             self.resume()
+
+    def _resume_quietly(self) -> None:
+        """Best-effort /resume on an error path: log, never raise over the real error."""
+        try:
+            self._request("POST", "/resume", timeout=30)
+        except (VLLMError, requests.RequestException) as exc:
+            log.warning("could not resume vLLM at %s after a failed pause: %s", self.url, exc)
 
     def is_paused(self) -> bool:
         return bool(self._request("GET", "/is_paused", timeout=30).json()["is_paused"])
