@@ -577,15 +577,18 @@ def test_environment_stops_when_training_finishes(api_url: str, vllm_server,
 @pytest.mark.slow
 def test_aborted_generation_is_retried(api_url: str, vllm_server, tiny_model_dir) -> None:
     start_trainer(api_url, batch_size=4, max_token_len=1024)
-    env = LongParityEnv(e2e_config(api_url, vllm_server, tiny_model_dir, max_tokens=300))
+    # Long generations (EOS ignored), so a pause has time to land while they run: with 300
+    # tokens a loaded CI machine once saw the group finish between two pauses, never retried.
+    length = 800
+    env = LongParityEnv(e2e_config(api_url, vllm_server, tiny_model_dir, max_tokens=length))
     thread, result = run_in_thread(env.run, 1)
     assert env.sampling.wait(300)
     # A pause that lands before the request reaches vLLM only queues it (vLLM 0.32), so
     # pause again until one lands while it generates (vLLM's running gauge can be stale).
-    for _ in range(20):
+    for attempt in range(40):
         if env.stats.retried or env.stats.posted or not thread.is_alive():
             break
-        time.sleep(0.3)
+        time.sleep(0.3 if attempt == 0 else 0.05)
         requests.post(f"{vllm_server.url}/pause", params={"mode": "abort"},
                       timeout=30).raise_for_status()
         try:
@@ -598,9 +601,9 @@ def test_aborted_generation_is_retried(api_url: str, vllm_server, tiny_model_dir
     assert not thread.is_alive() and "error" not in result, result
     assert env.stats.retried >= 1 and env.stats.posted == 1, env.stats
     group = poll_batch(api_url)[0]
-    prompt_len = check_group_alignment(env, group, max_tokens=300)
+    prompt_len = check_group_alignment(env, group, max_tokens=length)
     lengths = [len(t) - prompt_len for t in group["tokens"]]
-    assert lengths == [300] * 4, lengths   # the retried, complete group; not a partial one
+    assert lengths == [length] * 4, lengths   # the retried, complete group; not a partial one
 
 
 @pytest.mark.slow

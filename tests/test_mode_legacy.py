@@ -32,20 +32,23 @@ def test_legacy_restarts_vllm_on_new_weights(tiny_model_dir, api_url, tmp_path):
     env = start_environment(api_url, vllm_port, tiny_model_dir, tmp_path / "env.log")
     try:
         mode = copied_mode("legacy", tmp_path)  # the template, copied and edited
-        out = run_trainer("--mode", mode, "--eval-every", "2",
-                          *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path))
+        # Two steps (each sync is a vLLM restart, ~1 min here): still a sync that follows
+        # another, and an evaluation between steps.
+        out = run_trainer("--mode", mode, "--eval-every", "1",
+                          *tiny_trainer_args(tiny_model_dir, api_url, vllm_port, tmp_path,
+                                             steps=2))
         assert out.returncode == 0, out.stdout[-5000:]
-        report = check_report(tmp_path, steps=3)
+        report = check_report(tmp_path, steps=2)
         assert all(r["sync/vllm_startup_s"] > 0 for r in report["steps"])
         assert all(r["custom/my_metric"] == 42.0 for r in report["steps"])
         assert "eval_before" in report and "eval_after" in report
         # the trainer's whole wall time (start-up included) > the evaluations' share of it
         assert report["wall_s"] > report["eval_s"] > 0, report
         assert "wall time" in out.stdout
-        # --eval-every 2: the learning curve has before, step 2 and after, on a clock that
-        # keeps evaluation apart, and is drawn in the run directory
+        # --eval-every 1: the learning curve has before, step 1 and after (step 2, evaluated
+        # once), on a clock that keeps evaluation apart, and is drawn in the run directory
         curve = report["eval_curve"]
-        assert [p["step"] for p in curve] == [0, 2, 3], curve
+        assert [p["step"] for p in curve] == [0, 1, 2], curve
         assert all(a["train_s"] < b["train_s"] for a, b in zip(curve, curve[1:])), curve
         assert (tmp_path / "accuracy.png").stat().st_size > 0
         assert f"run summary ({mode})" in out.stdout and "held-out acc." in out.stdout
@@ -54,7 +57,7 @@ def test_legacy_restarts_vllm_on_new_weights(tiny_model_dir, api_url, tmp_path):
     finally:
         stop_process_group(env)
     assert processes_listening_on(vllm_port) == []
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003"]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000002"]
     assert not list(tmp_path.glob("served-*")) and not list(tmp_path.glob(".tmp-*"))
 
 
