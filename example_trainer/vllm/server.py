@@ -105,6 +105,10 @@ def _tail(path: Path, n: int) -> list[str]:
         return []
 
 
+# stop(): seconds a server that no longer answers /health gets to exit on SIGTERM.
+UNRESPONSIVE_GRACE_S = 5.0
+
+
 def parse_core_list(spec: str) -> set[int]:
     """The cores of a VLLM_CPU_OMP_THREADS_BIND value ("0", "0,2", "0-3", "0-1|2-3" for
     several workers); empty for the keywords vLLM also takes ("auto", "nobind", "all")."""
@@ -394,6 +398,10 @@ class VLLMServer:
             atexit.unregister(self.stop)
         except Exception:  # pragma: no cover - interpreter shutting down
             pass
+        # A server that does not answer /health will not shut down gracefully either (its
+        # engine is stuck, or stopped): a short grace, so a failing run says why sooner.
+        if proc.poll() is None and not self._answers_health():
+            timeout = min(timeout, UNRESPONSIVE_GRACE_S)
         log.info("stopping vLLM (pgid %d)", pgid)
         if self._signal_group(pgid, signal.SIGTERM):
             self._signal_group(pgid, signal.SIGCONT)  # a stopped (hung) group must see it
@@ -411,6 +419,12 @@ class VLLMServer:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
+
+    def _answers_health(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
 
     @staticmethod
     def _signal_group(pgid: int, sig: int) -> bool:
