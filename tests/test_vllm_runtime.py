@@ -112,7 +112,7 @@ def _in_group(pid: int, pgid: int) -> bool:
 
 
 def test_core_lists_parse_as_vllm_reads_them():
-    from example_trainer.vllm.server import parse_core_list
+    from example_trainer.vllm.host import parse_core_list
     assert parse_core_list("0") == {0}
     assert parse_core_list("0,2") == {0, 2}
     assert parse_core_list("1-3") == {1, 2, 3}

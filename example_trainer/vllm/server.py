@@ -26,7 +26,6 @@ import importlib.util
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import requests
 from environments.transport import api_token, exposed_without_secret, is_loopback
 from example_trainer.vllm.auth import KEY_ENV
 from example_trainer.vllm.client import VLLMClient
+from example_trainer.vllm.host import free_port, parse_core_list, port_in_use  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +74,6 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """Try to bind host:port; a failure means someone else is listening there.
-
-    SO_REUSEADDR, as uvicorn sets it, so that connections of a just-stopped server lingering
-    in TIME_WAIT do not count as "in use" (they would block a restart on the same port).
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free right now (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def _tail(path: Path, n: int) -> list[str]:
     try:
         with open(path, "r", errors="replace") as fh:
@@ -107,21 +84,6 @@ def _tail(path: Path, n: int) -> list[str]:
 
 # stop(): seconds a server that no longer answers /health gets to exit on SIGTERM.
 UNRESPONSIVE_GRACE_S = 5.0
-
-
-def parse_core_list(spec: str) -> set[int]:
-    """The cores of a VLLM_CPU_OMP_THREADS_BIND value ("0", "0,2", "0-3", "0-1|2-3" for
-    several workers); empty for the keywords vLLM also takes ("auto", "nobind", "all")."""
-    cores: set[int] = set()
-    for part in spec.replace("|", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        first, dash, last = part.partition("-")
-        if not (first.isdigit() and (not dash or last.isdigit())):
-            return set()
-        cores.update(range(int(first), int(last if dash else first) + 1))
-    return cores
 
 
 class VLLMServer:
@@ -348,18 +310,14 @@ class VLLMServer:
     def _wait_ready(self, t0: float) -> None:
         assert self._proc is not None
         deadline = t0 + self.startup_timeout
-        health = f"{self.url}/health"
         next_report = t0 + 10.0  # a start-up takes 20-60 s on CPU: say what it is doing
         while True:
             code = self._proc.poll()
             if code is not None:
                 raise VLLMStartupError(self.failure_message(f"vLLM exited with code {code} during start-up"),
                                        log_path=self.log_path, pgid=self._pgid)
-            try:
-                if requests.get(health, timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
+            if self._answers_health():
+                return
             now = time.monotonic()
             if now > deadline:
                 raise VLLMStartupError(self.failure_message(
