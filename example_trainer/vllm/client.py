@@ -248,8 +248,8 @@ class VLLMClient:
             raise ValueError(f"unknown pause mode {mode!r}")
         self._request("POST", "/pause", params={"mode": mode, "clear_cache": str(clear_cache).lower()})
 
-    def resume(self) -> None:
-        self._request("POST", "/resume")
+    def resume(self, timeout: float | None = None) -> None:
+        self._request("POST", "/resume", timeout=timeout)
 
     @contextlib.contextmanager
     def paused(self, how: str) -> Iterator[None]:
@@ -290,7 +290,7 @@ class VLLMClient:
     def _resume_quietly(self) -> None:
         """Best-effort /resume on an error path: log, never raise over the real error."""
         try:
-            self._request("POST", "/resume", timeout=30)
+            self.resume(timeout=30)
         except (VLLMError, requests.RequestException) as exc:
             log.warning("could not resume vLLM at %s after a failed pause: %s", self.url, exc)
 
