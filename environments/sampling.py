@@ -102,7 +102,8 @@ class ModelNameCheck:
     In the LoRA modes the trainer registers its adapter a little after vLLM is healthy, and
     in `legacy` vLLM restarts often, so a missing name is fatal only after /v1/models has
     answered `grace` seconds in a row without it. An unreachable vLLM (restarting) never
-    counts, and restarts the clock: a new server gets its own grace period. Pure logic on
+    counts, and restarts the clock: a new server gets its own grace period; so does a
+    request that succeeded in between (`served`). Pure logic on
     observed answers, so tests feed it answers and times.
     """
 
@@ -123,6 +124,11 @@ class ModelNameCheck:
         return (f"vLLM serves {', '.join(map(repr, served)) or 'no model'} but not "
                 f"{self.name!r} (checked for {now - self.lacking_since:.0f} s; "
                 "--model-name-grace): pass --model-name with one of those")
+
+    def served(self) -> None:
+        """A request for the name succeeded: the next 404 (lora_hotswap's swap window, say,
+        minutes later) starts a new grace period instead of continuing an old one."""
+        self.lacking_since = None
 
 
 class VLLMSampler:
@@ -189,6 +195,9 @@ class VLLMSampler:
                 reason = f"vLLM unreachable ({type(err).__name__})"
             else:
                 if response.ok:
+                    if self._name_check.lacking_since is not None:
+                        with self._lock:
+                            self._name_check.served()
                     answer = response.json()
                     if expected_choices is None:
                         return answer

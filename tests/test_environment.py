@@ -228,6 +228,17 @@ def test_model_name_check_never_counts_an_unreachable_vllm() -> None:
     assert check.observe(["base"], now=1100) is None
 
 
+def test_model_name_check_restarts_its_clock_after_a_request_succeeded() -> None:
+    # lora_hotswap unloads and reloads 'policy' every sync: a 404 in each swap window, with
+    # successful requests between them. Found killing an environment after ~200 s of them.
+    check = ModelNameCheck("policy", grace=60)
+    assert check.observe(["base"], now=0) is None           # a swap window
+    check.served()                                          # sampled fine since
+    assert check.observe(["base"], now=100) is None         # the next window: a new period
+    assert check.observe(["base"], now=159) is None
+    assert check.observe(["base"], now=161) is not None     # missing for 61 s in a row
+
+
 def test_finished_from_explicit_signal_or_run_api_step_count(caplog) -> None:
     client = EnvApiClient(EnvConfig(), EnvStats(), threading.Lock(), threading.Event())
     client.num_steps = 10
