@@ -9,9 +9,12 @@ thread first, then does its own half, then joins the thread (with a timeout).
 The adapter's parameters live in the send buckets: `AdapterBroadcaster` re-points each one's
 `.data` at its slice of one flat buffer per dtype, so the optimizer updates the buckets in
 place and a sync has nothing to pack. A model sharded by FSDP2 (torchrun) is gathered into
-the buckets instead, by every rank together, and rank 0 sends. The prefix-cache reset rides
-on the same sync: it is requested once every worker holds the buckets, while the install
-runs.
+the buckets instead, by every rank together, and rank 0 sends.
+
+A group's first sync is one rpc (receive, install, then the prefix-cache reset, requested
+once every worker holds the buckets). It leaves the workers listening: every later sync is
+announced in the group's store, broadcast, and confirmed by a barrier, and vLLM installs it
+at its next engine step; only the prefix-cache reset is still an HTTP call.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch
 from .distributed import full_tensor
 from .vllm.client import VLLMClient
 from .vllm.server import free_port
-from .vllm.worker_extension import barrier, broadcast, make_group
+from .vllm.worker_extension import (barrier, broadcast, exchange_max, open_group,
+                                    stream_key)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +137,9 @@ class AdapterBroadcaster:
             model.peft_config["default"].to_dict(), default=lambda v: sorted(v)
             if isinstance(v, (set, frozenset)) else str(v)))
         self.group: Any = None
+        self.store: Any = None
+        self.stream: str | None = None  # the workers' listening session, None: next sync is an rpc
+        self.stream_number = 0
         self.version = 0
         self.layout_sent = False  # specs and config go with a group's first sync only
         self.broken = False  # a sync failed: the workers can't be asked to tear down
@@ -182,27 +189,22 @@ class AdapterBroadcaster:
         if not self.sends:
             return
         port, prefix = free_port(self.host), f"lora_nccl-{uuid.uuid4().hex}"
-        self.layout_sent = False
+        self.layout_sent, self.stream = False, None
         init_method = f"tcp://{self.host}:{port}/{prefix}"
         call = self._rpc("join_weight_group", init_method=init_method, rank_offset=1,
                          world_size=self.world_size, backend=self.backend,
                          timeout_s=self.timeout_s)
-        self.group = make_group(self.host, port, prefix, 0, self.world_size, self.backend,
-                                self.timeout_s)
+        self.group, self.store = open_group(self.host, port, prefix, 0, self.world_size,
+                                            self.backend, self.timeout_s)
         call.join(self.timeout_s + 30)
         log.info("weight-sync group up: %s, %s", init_method, self.backend)
 
     def sync(self, *, reset_prefix_cache: bool = True,
              preempt_running: bool = False) -> dict[str, float]:
-        """Send the current adapter; vLLM serves it from its next engine step on.
-
-        One rpc does the whole swap: the workers receive the buckets, confirm with a
-        barrier, and install into the active LoRA slot. Once the barrier passed, the rpc is
-        running in vLLM's engine loop, so the prefix-cache reset requested then is handled
-        right after the install if it arrives before the rpc returns, else after the next
-        engine step at the latest, as a separate call would be (`reset_prefix_cache`; see
-        `drop_stale_prefix_cache` for `preempt_running`). Every wait is bounded by the
-        sync timeout. On a data-parallel rank other than 0: its part of the gather only."""
+        """Send the current adapter; vLLM serves it from its next engine step on, and the
+        prefix cache holds nothing computed with the old one (`reset_prefix_cache`; see
+        `drop_stale_prefix_cache` for `preempt_running`). Every wait is bounded by the sync
+        timeout. On a data-parallel rank other than 0: its part of the gather only."""
         if not self.sends:
             self.pack()
             return {}
@@ -211,9 +213,65 @@ class AdapterBroadcaster:
         t0 = time.perf_counter()
         self.pack()
         t1 = time.perf_counter()
+        send = self._send_streamed if self.stream is not None else self._send_by_rpc
+        figures = send(reset_prefix_cache, preempt_running)
+        self.version += 1
+        return {"sync/pack_s": t1 - t0, "sync/send_s": time.perf_counter() - t1, **figures,
+                "sync/bytes": float(self.nbytes)}
+
+    def _send_streamed(self, reset_prefix_cache: bool,
+                       preempt_running: bool) -> dict[str, float]:
+        """Announce the sync in the store and meet the workers' listeners at a barrier: past
+        it, each holds the lock its engine's next step waits for, so no forward pass can run
+        on the old adapter any more and the prefix-cache reset goes out at once, alongside
+        the broadcast (vLLM handles it between engine steps: any step that cached old-adapter
+        blocks has finished by then). The install happens at that next step; the figures the
+        barrier brings back (and a failure) are those of the previous sync's receive and
+        install."""
+        key = stream_key(self.stream, self.stream_number)
+        t0 = time.perf_counter()
+        reset = None
+        try:
+            self.store.set(key, "sync")
+            failed, receive_s, install_s, not_slot_copy = exchange_max(
+                self.group, [0.0, 0.0, 0.0, 0.0], self.buckets[0].device, self.timeout_s)
+            t1 = time.perf_counter()
+            if reset_prefix_cache:
+                reset = _Call(lambda: drop_stale_prefix_cache(
+                    self.client, preempt_running=preempt_running), "reset_prefix_cache")
+            for bucket in self.buckets:
+                broadcast(self.group, bucket, self.timeout_s)
+        except RuntimeError as exc:  # gloo/NCCL/store: peer gone or timed out
+            self.broken = True
+            raise WeightSyncError(f"broadcasting the adapter to vLLM's workers failed within "
+                                  f"--sync-timeout {self.timeout_s:.0f} s: {exc}. Is vLLM "
+                                  "still running? See its log.") from exc
+        self.stream_number += 1
+        t2 = time.perf_counter()
+        if reset is not None:
+            reset.join(self.timeout_s + 30)
+        if failed:
+            raise WeightSyncError("a vLLM worker failed to install the adapter it received "
+                                  "(it still serves an older one); its log has the error")
+        # the rpc's figures under the same names; the receive and install: the last sync's
+        return {"sync/barrier_s": t1 - t0, "sync/broadcast_s": t2 - t1,
+                "sync/reset_s": time.perf_counter() - t2,  # the reset's wait after the send
+                "sync/receive_s": receive_s, "sync/install_s": install_s,
+                "sync/slot_copy": 1.0 - not_slot_copy, "sync/streamed": 1.0}
+
+    def _send_by_rpc(self, reset_prefix_cache: bool,
+                     preempt_running: bool) -> dict[str, float]:
+        """One rpc does the whole swap: the workers receive the buckets, confirm with a
+        barrier, and install. Once the barrier passed, the rpc is running in vLLM's engine
+        loop, so the prefix-cache reset requested then is handled right after the install if
+        it arrives before the rpc returns, else after the next engine step at the latest.
+        The workers then listen for the next syncs (`_send_streamed`)."""
+        t1 = time.perf_counter()
+        session = uuid.uuid4().hex[:12]
         kwargs: dict[str, Any] = {"name": self.name,
                                   "bucket_numels": [b.numel() for b in self.buckets],
-                                  "dtypes": [DTYPE_NAMES[b.dtype] for b in self.buckets]}
+                                  "dtypes": [DTYPE_NAMES[b.dtype] for b in self.buckets],
+                                  "stream_session": session}
         if not self.layout_sent:
             kwargs |= {"specs": self.specs, "peft_config": self.peft_config}
         call = self._rpc("receive_adapter", **kwargs)
@@ -238,13 +296,13 @@ class AdapterBroadcaster:
         self.layout_sent = True
         if len(results) != self.world_size - 1 or not all(isinstance(r, dict) for r in results):
             raise WeightSyncError(f"receive_adapter: unexpected worker answers {results!r:.500}")
+        if all(r.get("streaming") for r in results):
+            self.stream, self.stream_number = session, 0
         t3 = time.perf_counter()
         if reset is not None:
             reset.join(self.timeout_s + 30)
-        self.version += 1
         t4 = time.perf_counter()
-        return {"sync/pack_s": t1 - t0, "sync/send_s": t4 - t1,
-                "sync/broadcast_s": t2 - t1,  # rpc start to every worker holding the buckets
+        return {"sync/broadcast_s": t2 - t1,  # rpc start to every worker holding the buckets
                 # in the worker, from the rpc's start there to every bucket received
                 "sync/receive_s": max(r["receive_s"] for r in results),
                 "sync/install_s": max(r["install_s"] for r in results),
@@ -253,7 +311,12 @@ class AdapterBroadcaster:
                 # 1 when every worker copied into its active slot (the fast path), 0 when
                 # vLLM rebuilt the adapter (first syncs, after an eviction)
                 "sync/slot_copy": float(all(r.get("path") == "slot copy" for r in results)),
-                "sync/bytes": float(self.nbytes)}
+                "sync/streamed": 0.0}
+
+    def last_installs(self) -> list[dict[str, Any]]:
+        """Each worker's newest streamed install (path, seconds, error, whether one is still
+        pending): a streamed sync's own figures describe the one before it."""
+        return self.client.collective_rpc("last_install", timeout=self.timeout_s)
 
     @property
     def nbytes(self) -> int:
@@ -264,19 +327,25 @@ class AdapterBroadcaster:
                             buckets: list[torch.Tensor] | None = None) -> list[float]:
         """Seconds per bare broadcast of the adapter's buckets (or of `buckets`, e.g. one of
         a full model's size) to the workers, no rpc and no install: the floor `sync()` is
-        compared with. One warm-up round is dropped (it includes the rpc that makes the
-        workers listen)."""
+        compared with. One warm-up round is dropped (it includes the rpc or announcement that
+        makes the workers listen)."""
         buckets = self.buckets if buckets is None else buckets
-        call = self._rpc("receive_bare", bucket_numels=[b.numel() for b in buckets],
-                         dtypes=[DTYPE_NAMES[b.dtype] for b in buckets],
-                         rounds=rounds + 1)
+        layout = {"bucket_numels": [b.numel() for b in buckets],
+                  "dtypes": [DTYPE_NAMES[b.dtype] for b in buckets], "rounds": rounds + 1}
+        call = None
+        if self.stream is not None:  # the workers' listener receives them
+            self.store.set(stream_key(self.stream, self.stream_number), json.dumps(layout))
+            self.stream_number += 1
+        else:
+            call = self._rpc("receive_bare", **layout)
         times = []
         for _ in range(rounds + 1):
             t0 = time.perf_counter()
             for bucket in buckets:
                 broadcast(self.group, bucket, self.timeout_s)
             times.append(time.perf_counter() - t0)
-        call.join(self.timeout_s + 30)
+        if call is not None:
+            call.join(self.timeout_s + 30)
         return times[1:]
 
     def abandon(self) -> None:
@@ -289,7 +358,7 @@ class AdapterBroadcaster:
         runs on exit, possibly after a failure, and must not hide the original error."""
         if self.group is None:
             return
-        group, self.group = self.group, None
+        group, self.group, self.store, self.stream = self.group, None, None, None
         if not self.broken and not self.client.health():  # dead or hung: nobody to tell
             log.warning("weight-sync tear-down: vLLM does not answer /health; dropping the "
                         "group without telling its workers")

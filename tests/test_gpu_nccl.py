@@ -19,7 +19,8 @@ import torch
 from example_trainer.config import TrainConfig
 from example_trainer.model import wrap_lora
 from example_trainer.vllm.server import free_port
-from example_trainer.vllm.worker_extension import broadcast, make_group, unpack
+from example_trainer.vllm.lora_slot import unpack
+from example_trainer.vllm.worker_extension import broadcast, make_group
 from example_trainer.weight_sync import AdapterBroadcaster, peft_name
 
 pytestmark = [pytest.mark.gpu,

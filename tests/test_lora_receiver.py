@@ -1,12 +1,14 @@
 """LoRAReceiver in a real vLLM (CPU): an adapter received in memory survives losing its slot
-and LRU eviction.
+and LRU eviction, whichever way a sync arrives.
 
-One active slot, two CPU slots. A sync after the first copies straight into the active slot
-and leaves the registered LoRA model's tensors behind; when another adapter takes the slot
-and 'policy' comes back, vLLM re-activates it from those tensors, which must first be brought
-up to date. A third adapter then evicts 'policy' from the CPU cache; vLLM reloads it through
-the worker manager's `_load_adapter`, which must give back the weights received over the
-group, not the (deleted, stale) directory it was first registered from.
+One active slot, two CPU slots. The first sync over a group is an rpc that rebuilds the
+adapter through vLLM's own path and learns the slot plan; later syncs are streamed (no rpc)
+and installed at vLLM's next engine step, straight into the active slot. When another adapter
+holds the slot, a sync waits for the adapter's next activation; when a third adapter evicted
+it, vLLM reloads it through the worker manager's `_load_adapter`, which must give back the
+weights received over the group, not the (deleted, stale) directory it was first registered
+from; the sync after that rebuilds. The listener also takes the bare-broadcast benchmark's
+rounds; joining a new group stops it, and that group's first sync is an rpc again.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def registered(client) -> set[int]:
     return {int(i) for i in re.findall(r"\d+", str(ids))}
 
 
+def installed_by(sender) -> str:
+    """How the worker installed the newest streamed sync (nothing may still be pending)."""
+    [last] = sender.last_installs()
+    assert not last["pending"] and not last["error"], last
+    return last["path"]
+
+
 def test_received_adapter_survives_lru_eviction(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -75,19 +84,44 @@ def test_received_adapter_survives_lru_eviction(tiny_model_dir, tmp_path):
         client.load_lora_adapter("policy", str(tmp_path / "initial"))
         [policy] = registered(client)
         shutil.rmtree(tmp_path / "initial")  # from here on only memory can serve 'policy'
-        assert new_version(1)["sync/slot_copy"] == 0.0  # rebuilt; learns the slot plan
+        first = new_version(1)  # an rpc: rebuilt; learns the slot plan
+        assert (first["sync/streamed"], first["sync/slot_copy"]) == (0.0, 0.0)
         assert served_gap(client, model, "policy") <= 1e-4
-        assert new_version(2)["sync/slot_copy"] == 1.0  # straight into the active slot
-        assert served_gap(client, model, "policy") <= 1e-4
+        second = new_version(2)
+        assert second["sync/streamed"] == 1.0
+        assert second["sync/slot_copy"] == 0.0  # a streamed sync reports the install before
+        assert served_gap(client, model, "policy") <= 1e-4  # installed at this engine step
+        assert installed_by(sender) == "slot copy"  # straight into the active slot
         client.load_lora_adapter("other", str(tmp_path / "other"))
         client.completions(PROMPT, max_tokens=2, model="other")  # takes the one slot
         assert served_gap(client, model, "policy") <= 1e-4  # re-activated, up to date
-        assert new_version(3)["sync/slot_copy"] == 1.0  # same model, same slot again
+        assert new_version(3)["sync/slot_copy"] == 1.0  # sync 2's install
         assert served_gap(client, model, "policy") <= 1e-4
+        assert installed_by(sender) == "slot copy"  # same model, same slot again
+        client.completions(PROMPT, max_tokens=2, model="other")  # takes the slot again
+        new_version(4)
+        assert served_gap(client, model, "policy") <= 1e-4
+        assert installed_by(sender) == "at activation"  # parked, refreshed when it came back
         client.load_lora_adapter("third", str(tmp_path / "other"))  # evicts 'other' (LRU)
         client.completions(PROMPT, max_tokens=2, model="other")  # evicts 'policy'
         assert policy not in registered(client)
+        new_version(5)
         assert served_gap(client, model, "policy") <= 1e-4  # reloaded from memory
+        assert installed_by(sender) == "at reload"
+        new_version(6)
+        assert served_gap(client, model, "policy") <= 1e-4
+        assert installed_by(sender) == "rebuild"  # a reloaded model: learn its slot again
+        new_version(7)
+        assert served_gap(client, model, "policy") <= 1e-4
+        assert installed_by(sender) == "slot copy"
+        assert len(sender.time_bare_broadcast(rounds=2)) == 2  # the listener drops them
+        assert new_version(8)["sync/streamed"] == 1.0
+        assert served_gap(client, model, "policy") <= 1e-4
+        sender.join()  # a new group: the old listener stops, the next sync is an rpc
+        assert new_version(8)["sync/streamed"] == 0.0
+        assert served_gap(client, model, "policy") <= 1e-4
+        assert new_version(9)["sync/streamed"] == 1.0
+        assert served_gap(client, model, "policy") <= 1e-4
     finally:
         if sender is not None:
             sender.close()

@@ -41,11 +41,17 @@ def test_lora_mode_serves_each_new_adapter(mode, pause, tiny_model_dir, api_url,
         for record in report["steps"]:
             assert record["sync_s"] > 0
             assert all(record[figure] > 0 for figure in SYNC_FIGURES[mode]), record
+        if mode == "lora_hotswap":  # what it wrote for vLLM: the adapter and its config
+            adapter = (tmp_path / "step-000003" / "adapter_model.safetensors").stat().st_size
+            assert all(adapter <= r["sync/bytes"] < adapter + 200_000 for r in report["steps"])
         if mode == "lora_nccl":
-            # Step 1 rebuilds the adapter in vLLM (its lora_B was still zero when first
-            # installed, so the slot plan is learned then); later syncs copy straight into
-            # the active slot, and parity above proves the copy exact.
-            assert [r["sync/slot_copy"] for r in report["steps"]] == [0.0, 1.0, 1.0]
+            # The sync at start-up (an rpc) and step 1's install rebuild the adapter in vLLM
+            # (its lora_B was zero at start-up, so the slot plan is learned at step 1). Every
+            # step's sync is streamed (no rpc) and installed at vLLM's next engine step; a
+            # streamed record reports the install before it, so step 3's is step 2's: straight
+            # into the active slot. Parity above proves every install exact.
+            assert [r["sync/streamed"] for r in report["steps"]] == [1.0, 1.0, 1.0]
+            assert [r["sync/slot_copy"] for r in report["steps"]] == [0.0, 0.0, 1.0]
         assert env.wait(timeout=120) == 0, (tmp_path / "env.log").read_text()[-3000:]
     finally:
         stop_process_group(env)

@@ -13,8 +13,9 @@ from example_trainer.config import TrainConfig
 from example_trainer.model import wrap_lora
 from example_trainer.optim import build_optimizer
 from example_trainer.vllm.server import free_port
-from example_trainer.vllm.worker_extension import (DTYPES, barrier, broadcast, make_group,
-                                                   scale_of, unpack)
+from example_trainer.vllm.lora_slot import scale_of, unpack
+from example_trainer.vllm.worker_extension import (DTYPES, barrier, broadcast, exchange_max,
+                                                   make_group)
 from example_trainer.weight_sync import (AdapterBroadcaster, bucket_order, peft_name,
                                          resolve_backend)
 
@@ -135,3 +136,19 @@ def test_standalone_gloo_group_broadcasts_and_leaves_default_group_alone():
     thread.join(60)
     assert torch.equal(received["tensor"], torch.arange(6, dtype=torch.float32))
     assert not torch.distributed.is_initialized()
+
+
+def test_exchange_max_is_a_barrier_that_brings_back_each_figures_maximum():
+    port, answers = free_port(), {}
+
+    def worker() -> None:
+        group = make_group("127.0.0.1", port, "test-max", 1, 2, "gloo", 30.0)
+        answers["worker"] = exchange_max(group, [1.0, 0.25, 7.0], torch.device("cpu"), 30.0)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    group = make_group("127.0.0.1", port, "test-max", 0, 2, "gloo", 30.0)
+    mine = exchange_max(group, [0.0, 0.5, 2.0], torch.device("cpu"), 30.0)
+    thread.join(60)
+    assert mine == answers["worker"] == [1.0, 0.5, 7.0]
+

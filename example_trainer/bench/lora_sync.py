@@ -6,15 +6,17 @@ along each path, interleaved so machine noise hits all of them alike:
 
 - `bare broadcast`: the adapter's buckets over the weight-sync group and nothing else (no
   rpc, no install): the floor any sync over that group can reach;
-- `lora_nccl none|wait`: what the mode's sync does (one rpc: broadcast, install into the
-  active slot, with the prefix-cache reset handled right after it), without pausing
-  generation or inside `/pause?mode=wait` + `/resume`;
+- `lora_nccl none|wait`: what the mode's sync does after its first (announce in the group's
+  store, broadcast, barrier, prefix-cache reset; the workers install at their next engine
+  step), without pausing generation or inside `/pause?mode=wait` + `/resume`;
 - `lora_hotswap none|wait`: `save_pretrained` to a new directory, unload + load over HTTP.
 
 Then generation: the same prompts through the adapter as `lora_nccl` installed it and as
 `lora_hotswap` loaded it (the hot-swap must not slow generation down, e.g. through vLLM
 0.32's sticky `load_inplace`). Prints a table with ratios, where a `lora_nccl` sync's time
-goes (medians of the sync's own figures), and writes JSON.
+goes (medians of the sync's own figures), what its install cost at the engine step, and
+writes JSON. `--busy` keeps vLLM generating through the `lora_nccl` adapter meanwhile (the
+busy-server figures; every sync is then installed by the next engine step).
 
     python -m example_trainer.bench.lora_sync                # embedded SmolLM2, r=8
     python -m example_trainer.bench.lora_sync --model DIR --rounds 30 --json out.json
@@ -27,6 +29,7 @@ import json
 import logging
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,11 +48,12 @@ from ..weight_sync import EXTENSION, AdapterBroadcaster
 log = logging.getLogger("example_trainer.bench.lora_sync")
 
 NCCL_NAME, HOTSWAP_NAME = "policy", "hotswap"
-# Where a lora_nccl sync's time goes (AdapterBroadcaster.sync's figures).
-BREAKDOWN = [("pack", "sync/pack_s"), ("rpc start to buckets received", "sync/broadcast_s"),
-             ("of which receiving (worker)", "sync/receive_s"),
-             ("install (worker)", "sync/install_s"), ("rpc in all", "sync/rpc_s"),
-             ("reset after the rpc", "sync/reset_s")]
+# Where a streamed lora_nccl sync's time goes (AdapterBroadcaster.sync's figures). The
+# install is not in it: the worker does it at its next engine step (the install figures a
+# sync reports are the previous sync's, and stay the first rpc's while nothing generates).
+BREAKDOWN = [("pack", "sync/pack_s"), ("announce + barrier", "sync/barrier_s"),
+             ("broadcast", "sync/broadcast_s"), ("reset's wait after it", "sync/reset_s"),
+             ("receiving in the worker (the sync before)", "sync/receive_s")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-prompts", type=int, default=8, help="prompts per generation round")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--gen-rounds", type=int, default=6, help="generation rounds per adapter")
+    p.add_argument("--busy", action="store_true", help="keep vLLM generating through the "
+                   "lora_nccl adapter during the timed rounds")
     p.add_argument("--port", type=int, default=0, help="vLLM port (default: a free one)")
     p.add_argument("--work-dir", default="", help="where adapters and vLLM's log go "
                    "(default: a temporary directory)")
@@ -76,6 +82,14 @@ def nudge(model: torch.nn.Module, generator: torch.Generator) -> None:
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.01)
+
+
+def keep_generating(client: VLLMClient, adapter: str, prompts: list[list[int]],
+                    busy: threading.Event) -> None:
+    """Short generations through `adapter`, one after another, while `busy` is set."""
+    while busy.is_set():
+        client.completions(prompts, n=1, max_tokens=16, temperature=1.0, model=adapter,
+                           logprobs=False, ignore_eos=True)
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -141,13 +155,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "lora_hotswap wait": lambda: hotswap("wait"),
         }
         times: dict[str, list[float]] = {name: [] for name in paths}
-        log.info("timing %d rounds of every path (adapter %.1f MB, %d tensors)", args.rounds,
-                 adapter_bytes / 1e6, len(sender.params))
+        prompts = [tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Write a story about the number {i}."}],
+            add_generation_prompt=True, tokenize=True, return_dict=False)
+            for i in range(args.gen_prompts)]
+        busy = threading.Event()
+        installs: list[dict[str, Any]] = []
+        if args.busy:  # the lora_nccl adapter in use all along: every sync gets installed
+            busy.set()
+            load = threading.Thread(target=keep_generating, daemon=True,
+                                    args=(client, NCCL_NAME, prompts, busy))
+            load.start()
+        log.info("timing %d rounds of every path (adapter %.1f MB, %d tensors)%s", args.rounds,
+                 adapter_bytes / 1e6, len(sender.params), ", vLLM busy" if args.busy else "")
         for _ in range(args.rounds + 1):  # the first round warms up every path
             nudge(model, generator)
             times["bare broadcast"].append(statistics.median(sender.time_bare_broadcast(3)))
             for name, fn in list(paths.items())[1:]:
                 times[name].append(timed(fn))
+        if args.busy:
+            busy.clear()
+            load.join()
         times = {name: values[1:] for name, values in times.items()}
         figures = {pause: values[1:] for pause, values in figures.items()}
 
@@ -155,10 +183,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         nudge(model, generator)
         nccl("wait")
         hotswap("wait")
-        prompts = [tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"Write a story about the number {i}."}],
-            add_generation_prompt=True, tokenize=True, return_dict=False)
-            for i in range(args.gen_prompts)]
         generation: dict[str, list[float]] = {"lora_nccl": [], "lora_hotswap": []}
         order = [("lora_nccl", NCCL_NAME), ("lora_hotswap", HOTSWAP_NAME)]
         for _ in range(args.gen_rounds + 1):
@@ -167,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 generation[path].append(generation_tokens_per_s(client, adapter, prompts,
                                                                 args.gen_tokens))
         generation = {path: values[1:] for path, values in generation.items()}
+        installs = sender.last_installs()  # the last sync's, done by the generation above
     finally:
         if sender is not None:
             sender.close()
@@ -175,9 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "lora_rank": args.lora_rank, "adapter_bytes": adapter_bytes,
             "backend": sender.backend, "rounds": args.rounds, "sync_s": times,
             "generation_tokens_per_s": generation,
-            "lora_nccl_slot_copy_share": {k: statistics.fmean(r["sync/slot_copy"] for r in v)
-                                          for k, v in figures.items() if v},
-            "lora_nccl_figures": figures}
+            "lora_nccl_figures": figures, "busy": args.busy, "lora_nccl_install": installs}
 
 
 def report(result: dict[str, Any]) -> str:
@@ -195,13 +218,20 @@ def report(result: dict[str, Any]) -> str:
     for pause in ("none", "wait"):
         lines.append(f"lora_hotswap / lora_nccl ({pause}): "
                      f"{med[f'lora_hotswap {pause}'] / med[f'lora_nccl {pause}']:.2f}x")
-    lines.append("lora_nccl syncs that copied straight into vLLM's LoRA slot: " + ", ".join(
-        f"{k} {v:.0%}" for k, v in result.get("lora_nccl_slot_copy_share", {}).items()))
     for pause, records in result.get("lora_nccl_figures", {}).items():
         if records:
             lines.append(f"lora_nccl {pause}, inside sync() (median ms): " + ", ".join(
-                f"{label} {statistics.median(r[key] for r in records) * 1e3:.1f}"
+                f"{label} {statistics.median(r.get(key, 0.0) for r in records) * 1e3:.1f}"
                 for label, key in BREAKDOWN))
+            streamed = statistics.fmean(r.get("sync/streamed", 0.0) for r in records)
+            slot_copy = statistics.fmean(r["sync/slot_copy"] for r in records)
+            install = statistics.median(r["sync/install_s"] for r in records)
+            lines.append(f"lora_nccl {pause}: {streamed:.0%} of syncs streamed (no rpc); the "
+                         f"installs they report (each the one before): {slot_copy:.0%} "
+                         f"straight into the slot, median {install * 1e3:.1f} ms")
+    for worker in result.get("lora_nccl_install", []):
+        lines.append(f"last lora_nccl install, at the next engine step: {worker.get('path')}, "
+                     f"{worker.get('install_s', 0.0) * 1e3:.1f} ms")
     gen = {path: statistics.median(v) for path, v in result["generation_tokens_per_s"].items()}
     lines.append(f"generation tokens/s: lora_nccl {gen['lora_nccl']:.1f}, lora_hotswap "
                  f"{gen['lora_hotswap']:.1f} (hotswap / nccl {gen['lora_hotswap'] / gen['lora_nccl']:.2f})")

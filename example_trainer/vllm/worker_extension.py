@@ -6,17 +6,14 @@ calls the methods through `POST /collective_rpc`. The trainer is rank 0 of a *se
 process group (its own TCPStore on a fresh port, keys prefixed per run) so vLLM's default
 group is never touched.
 
-Install path (docs/lora-slot-plan.md; vLLM's side: docs/vllm-cpu.md, "LoRA from tensors"):
-the adapter name is registered once from disk through `/v1/load_lora_adapter`, which makes
-the worker's `LRUCacheWorkerLoRAManager.add_adapter` load it through `_load_adapter`. We wrap
-that `_load_adapter` so that, once tensors have arrived for an adapter id, it builds the
-LoRA model from those tensors instead of reading the (stale) directory. A sync then only has
-to drop the adapter from the model manager (`_adapter_manager.remove_adapter`) and call the
-worker manager's own `add_adapter` with the remembered request: vLLM's validation, LRU
-bookkeeping and slot activation all run as usual, and a later LRU reload also gets the
-newest in-memory weights. After that first rebuild, `SlotPlan` copies later syncs straight
-into the active slot from the buffers the broadcast wrote (kept per adapter, reused by every
-sync), with one foreach copy and one foreach scale.
+A group's first sync is one rpc (`receive_adapter`): it carries the adapter's layout,
+receives, and installs through vLLM's own path, fed from memory (`lora_slot.py`). From then
+on the worker listens in a thread (`AdapterStream`): the trainer announces a sync in the
+group's store; the listener takes the lock the engine's next step waits for (in the wrapped
+`set_active_adapters`, before any forward pass) and meets the trainer at a barrier, then
+receives; that next step installs the buckets. No rpc, so no HTTP and engine-loop round
+trip per sync, and the trainer's prefix-cache reset overlaps the broadcast
+(docs/lora-slot-plan.md).
 
 Runs inside vLLM's worker process; it must not import the trainer package's heavy modules.
 """
@@ -24,24 +21,31 @@ Runs inside vLLM's worker process; it must not import the trainer package's heav
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import threading
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .lora_slot import install, lora_from_tensors
+
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                   "bfloat16": torch.bfloat16}
+# How long the listening thread waits on the store before it waits again (a timeout logs a
+# warning in torch, so rarely; the trainer wakes it with a "stop" to end it).
+LISTEN_WAIT = datetime.timedelta(minutes=30)
 
 
-def make_group(host: str, port: int, prefix: str, rank: int, world_size: int, backend: str,
-               timeout_s: float) -> Any:
-    """A standalone process group (not the default one): TCPStore on `host:port` (rank 0
-    hosts it), keys under `prefix` so a stale rendezvous of another run is never read.
-    Blocks until every rank has joined."""
+def open_group(host: str, port: int, prefix: str, rank: int, world_size: int, backend: str,
+               timeout_s: float) -> tuple[Any, Any]:
+    """A standalone process group (not the default one) and its store: TCPStore on
+    `host:port` (rank 0 hosts it), keys under `prefix` so a stale rendezvous of another run
+    is never read. Blocks until every rank has joined."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, rank == 0, timeout, wait_for_workers=False)
     store = dist.PrefixStore(prefix, store)
@@ -49,12 +53,24 @@ def make_group(host: str, port: int, prefix: str, rank: int, world_size: int, ba
         opts = dist.ProcessGroupGloo._Options()
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
         opts._timeout = timeout
-        return dist.ProcessGroupGloo(store, rank, world_size, opts)
+        return dist.ProcessGroupGloo(store, rank, world_size, opts), store
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts), store
     raise ValueError(f"unknown weight-sync backend {backend!r} (gloo or nccl)")
+
+
+def connect_store(host: str, port: int, prefix: str, timeout_s: float) -> Any:
+    """One more client connection to a group's store (see `open_group`)."""
+    store = dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout_s))
+    return dist.PrefixStore(prefix, store)
+
+
+def make_group(host: str, port: int, prefix: str, rank: int, world_size: int, backend: str,
+               timeout_s: float) -> Any:
+    """`open_group` without the store."""
+    return open_group(host, port, prefix, rank, world_size, backend, timeout_s)[0]
 
 
 def broadcast(group: Any, tensor: torch.Tensor, timeout_s: float) -> None:
@@ -74,20 +90,121 @@ def barrier(group: Any, device: torch.device, timeout_s: float) -> None:
     group.allreduce([torch.zeros(1, device=device)], opts).wait()
 
 
-def unpack(buckets: list[torch.Tensor], specs: list[list[Any]]) -> dict[str, torch.Tensor]:
-    """Split flat per-dtype buckets back into named tensors; specs are (name, shape, dtype)
-    in packing order, and bucket i holds the tensors of the i-th dtype seen."""
-    order = list(dict.fromkeys(dtype for _, _, dtype in specs))
-    offsets = dict.fromkeys(order, 0)
-    out: dict[str, torch.Tensor] = {}
-    for name, shape, dtype in specs:
-        bucket, start = buckets[order.index(dtype)], offsets[dtype]
-        n = 1
-        for d in shape:
-            n *= int(d)
-        out[name] = bucket[start:start + n].view(*shape)
-        offsets[dtype] = start + n
-    return out
+def exchange_max(group: Any, values: list[float], device: torch.device,
+                 timeout_s: float) -> list[float]:
+    """An all-reduce (MAX) of a few numbers: a barrier that also brings back figures."""
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MAX
+    opts.timeout = datetime.timedelta(seconds=timeout_s)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    group.allreduce([tensor], opts).wait()
+    return tensor.tolist()
+
+
+def stream_key(session: str, number: int) -> str:
+    """The store key of announcement `number` of `session`: "sync", "stop" (the listener's
+    end) or a bare-broadcast benchmark (JSON: bucket_numels, dtypes, rounds)."""
+    return f"stream/{session}/{number}"
+
+
+class AdapterStream:
+    """A worker thread that receives one adapter's later syncs without an rpc; the engine
+    thread installs each at its next step (`install_pending`). The lock keeps a receive from
+    writing the buckets while the engine thread reads them."""
+
+    def __init__(self, worker: Any, session: str, lora_id: int, buckets: list[torch.Tensor],
+                 first_install: dict[str, Any]) -> None:
+        self.worker, self.session, self.lora_id, self.buckets = worker, session, lora_id, buckets
+        # Its own store connection: a TCPStore client serialises its calls, so a `set` (the
+        # rpc thread's "stop") would wait behind the listener's blocking `wait` on a shared one.
+        self.group, self.store = worker._lora_sync_group, connect_store(*worker._lora_sync_address)
+        self.waker = worker._lora_sync_store
+        self.timeout_s, self.device = worker._lora_sync_timeout, buckets[0].device
+        self.lock = threading.Lock()
+        self.pending = False
+        self.last_install = first_install  # reported with the first streamed sync
+        self.last_receive_s = first_install.pop("receive_s")
+        self.number = 0
+        self.thread = threading.Thread(target=self._listen, name="lora-sync-listener",
+                                       daemon=True)
+        self.thread.start()
+
+    def _listen(self) -> None:
+        while True:
+            key = stream_key(self.session, self.number)
+            try:
+                self.store.wait([key], LISTEN_WAIT)
+                announcement = self.store.get(key)
+                if announcement == b"stop":
+                    return
+                if announcement == b"sync":
+                    self._receive()
+                else:
+                    self._receive_bare(**json.loads(announcement))
+            except dist.DistStoreError as exc:
+                if "timeout" in str(exc):
+                    continue  # a long pause between syncs
+                log.info("weight-sync listener ends: the trainer's store is gone (%s)", exc)
+                return
+            except RuntimeError as exc:  # gloo/NCCL: the trainer went away mid-sync
+                log.error("weight-sync listener ends: receiving a sync failed: %s", exc)
+                return
+            self.number += 1
+
+    def _receive(self) -> None:
+        """Take the lock, then meet the trainer at a barrier (which carries the last receive's
+        and install's figures): from there on the engine's next step waits here, so the
+        trainer's prefix-cache reset can run alongside the broadcast. Then receive."""
+        with self.lock:
+            last = self.last_install
+            exchange_max(self.group, [float(bool(last["error"])), self.last_receive_s,
+                                      last["install_s"], float(last["path"] != "slot copy")],
+                         self.device, self.timeout_s)
+            start = time.perf_counter()
+            for bucket in self.buckets:
+                broadcast(self.group, bucket, self.timeout_s)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self.last_receive_s = time.perf_counter() - start
+            self.pending = True
+
+    def _receive_bare(self, bucket_numels: list[int], dtypes: list[str], rounds: int) -> None:
+        """Benchmark reference (`AdapterBroadcaster.time_bare_broadcast`): receive and drop."""
+        scratch = [torch.empty(n, dtype=DTYPES[d], device=self.device)
+                   for n, d in zip(bucket_numels, dtypes)]
+        for _ in range(rounds):
+            for bucket in scratch:
+                broadcast(self.group, bucket, self.timeout_s)
+
+    def install_pending(self) -> None:
+        """In the engine thread, holding `lock`, before a step's forward pass: install what
+        arrived. A failure is logged and reported to the trainer at its next sync, not
+        raised (that would kill the engine)."""
+        if not self.pending:
+            return
+        start = time.perf_counter()
+        try:
+            path, error = install(self.worker.model_runner.lora_manager, self.lora_id,
+                                  self.buckets), ""
+        except Exception as exc:  # noqa: BLE001 - reported, see above
+            log.exception("installing a received adapter failed")
+            path, error = "failed", f"{type(exc).__name__}: {exc}"
+        self.last_install = {"path": path, "install_s": time.perf_counter() - start,
+                             "error": error}
+        self.pending = False
+
+    def stop(self) -> None:
+        """End the listener (it may be waiting on the store: wake it) and install what it
+        received, so an rpc can use the group next."""
+        if self.thread.is_alive():
+            try:  # the key it waits on, or the next one if it is just receiving
+                for number in (self.number, self.number + 1):
+                    self.waker.set(stream_key(self.session, number), "stop")
+            except RuntimeError:  # the store's host (the trainer) is gone: so is the listener
+                pass
+            self.thread.join(self.timeout_s)
+        with self.lock:
+            self.install_pending()
 
 
 class LoRAReceiver:
@@ -99,13 +216,15 @@ class LoRAReceiver:
         """Join the trainer's group; `init_method` is `tcp://host:port/prefix`. Every
         worker gets the same call, so its rank is `rank_offset` + its rank inside vLLM
         (with tensor parallelism each worker receives the full adapter and shards it)."""
+        self._stop_stream()
         rank = rank_offset + self.rank
         address, _, prefix = init_method.removeprefix("tcp://").partition("/")
         host, _, port = address.rpartition(":")
         self._lora_sync_timeout = timeout_s
-        self._lora_sync_group = make_group(host, int(port), prefix, rank, world_size, backend,
-                                           timeout_s)
+        self._lora_sync_group, self._lora_sync_store = open_group(
+            host, int(port), prefix, rank, world_size, backend, timeout_s)
         self._lora_sync_backend = backend
+        self._lora_sync_address = (host, int(port), prefix, timeout_s)
         self._lora_sync_layout = None  # (specs, peft config): sent with a group's first sync
         self._install_memory_loader()
         log.info("joined weight-sync group %s as rank %d of %d (%s)", init_method, rank,
@@ -113,12 +232,12 @@ class LoRAReceiver:
         return True
 
     def _install_memory_loader(self) -> None:
-        """Wrap the LoRA manager's `_load_adapter` once: ids that were received over the
-        group are built from the latest tensors; everything else loads from disk as usual.
-        Also wrap the model manager's `activate_adapter`: a slot-copy sync updates only the
-        active slot, so before vLLM copies a registered adapter into a slot again (after
-        another adapter took its slot) its tensors are brought up to date from the buffers
-        the last sync received into."""
+        """Wrap, once, the LoRA manager's `_load_adapter` (ids received over the group are
+        built from the latest tensors; everything else loads from disk as usual), the model
+        manager's `activate_adapter` (before vLLM copies an adapter into a slot again, its
+        tensors are brought up to date from the buffers the last sync received into: a slot
+        copy updates only the active slot) and `set_active_adapters`, which the model runner
+        calls before every forward pass: a streamed sync is installed there."""
         manager = self.model_runner.lora_manager
         if getattr(manager, "_lora_sync_wrapped", False):
             return
@@ -132,8 +251,8 @@ class LoRAReceiver:
             manager._lora_sync_requests[lora_id] = lora_request
             if lora_id not in manager._lora_sync_tensors:
                 return original(lora_request)
-            return _lora_from_tensors(manager, lora_id, *manager._lora_sync_tensors[lora_id],
-                                      is_3d=getattr(lora_request, "is_3d_lora_weight", False))
+            return lora_from_tensors(manager, lora_id, *manager._lora_sync_tensors[lora_id],
+                                     is_3d=getattr(lora_request, "is_3d_lora_weight", False))
 
         adapters = manager._adapter_manager
         activate = adapters.activate_adapter
@@ -145,25 +264,46 @@ class LoRAReceiver:
                 plan.refresh()  # cheap test first: this runs for every scheduled batch
             return activate(lora_id)
 
+        set_active = manager.set_active_adapters
+
+        def set_active_adapters(requests: Any, mapping: Any) -> Any:
+            stream = getattr(self, "_lora_stream", None)
+            if stream is None:
+                return set_active(requests, mapping)
+            # Locked: a receive must not write the buffers that an install, a refresh on
+            # re-activation or a reload after eviction (all in here) read.
+            with stream.lock:
+                stream.install_pending()
+                return set_active(requests, mapping)
+
         manager._load_adapter = load_adapter
         adapters.activate_adapter = activate_adapter
+        manager.set_active_adapters = set_active_adapters
         manager._lora_sync_wrapped = True
+
+    def _stop_stream(self) -> None:
+        stream, self._lora_stream = getattr(self, "_lora_stream", None), None
+        if stream is not None:
+            stream.stop()
 
     def receive_adapter(self, name: str, bucket_numels: list[int],
                         dtypes: list[str] | None = None, specs: list[list[Any]] | None = None,
                         peft_config: dict[str, Any] | None = None,
-                        lora_int_id: int | None = None) -> dict:
+                        lora_int_id: int | None = None,
+                        stream_session: str | None = None) -> dict:
         """Receive the adapter's buckets from rank 0 and make adapter `name` use them.
 
         `name` must already be registered through `/v1/load_lora_adapter` (that is what
         maps the OpenAI model name to an int id). `specs` and `peft_config` come with the
         first sync over a group and are kept for the later ones. After the buckets, one
         barrier tells the trainer that they arrived (it then asks for the prefix-cache reset,
-        which vLLM handles right after this rpc). Returns timings for the trainer's log."""
+        which vLLM handles right after this rpc). With `stream_session`, later syncs are
+        then received by an `AdapterStream`. Returns timings for the trainer's log."""
         t0 = time.perf_counter()
         group = getattr(self, "_lora_sync_group", None)
         if group is None:
             raise RuntimeError("receive_adapter before join_weight_group")
+        self._stop_stream()
         device = self.device if self._lora_sync_backend == "nccl" else torch.device("cpu")
         manager = self.model_runner.lora_manager
         problem: Exception | None = None
@@ -177,8 +317,7 @@ class LoRAReceiver:
             dtypes = dtypes or list(dict.fromkeys(dtype for _, _, dtype in specs))
             if lora_int_id is None:
                 lora_int_id = _registered_id(manager, name)
-            request = manager._lora_sync_requests.get(lora_int_id)
-            if request is None:
+            if lora_int_id not in manager._lora_sync_requests:
                 raise RuntimeError(f"adapter {name!r} (id {lora_int_id}) was never loaded by "
                                    "this worker: register it with /v1/load_lora_adapter first")
             buckets = _receive_buffers(manager._lora_sync_tensors.get(lora_int_id),
@@ -196,24 +335,24 @@ class LoRAReceiver:
         # The buckets are kept (and received into again next time). A rebuild clones them,
         # because the manager's optimize() scales lora_b in place.
         manager._lora_sync_tensors[lora_int_id] = (buckets, specs, peft_config)
-        plan = manager._lora_sync_plans.get(lora_int_id)
-        if plan is not None and plan.usable(manager._adapter_manager, buckets):
-            plan.apply()  # fast path: straight into the active slot
-            path = "slot copy"
-        else:
-            manager._adapter_manager.remove_adapter(lora_int_id)
-            # vLLM's own add path (validation, LRU, slot activation) -> wrapped
-            # _load_adapter. The punica mapping is re-derived when the slot layout changes.
-            manager.add_adapter(request)
-            manager._lora_sync_plans[lora_int_id] = SlotPlan.build(
-                manager._adapter_manager, lora_int_id, buckets)
-            path = "rebuild"
+        path = install(manager, lora_int_id, buckets)
         t2 = time.perf_counter()
-        return {"id": lora_int_id, "receive_s": t1 - t0, "install_s": t2 - t1, "path": path}
+        if stream_session is not None:
+            self._lora_stream = AdapterStream(self, stream_session, lora_int_id, buckets, {
+                "path": path, "install_s": t2 - t1, "error": "", "receive_s": t1 - t0})
+        return {"id": lora_int_id, "receive_s": t1 - t0, "install_s": t2 - t1, "path": path,
+                "streaming": stream_session is not None}
+
+    def last_install(self) -> dict:
+        """How the newest streamed sync was installed (path, seconds, error); {} when no
+        listener runs."""
+        stream = getattr(self, "_lora_stream", None)
+        return {} if stream is None else dict(stream.last_install, pending=stream.pending)
 
     def receive_bare(self, bucket_numels: list[int], dtypes: list[str], rounds: int) -> bool:
         """Benchmark reference: receive `rounds` broadcasts of the adapter's buckets and
         discard them (the floor any sync over this group can reach)."""
+        self._stop_stream()
         device = self.device if self._lora_sync_backend == "nccl" else torch.device("cpu")
         buckets = [torch.empty(n, dtype=DTYPES[d], device=device)
                    for n, d in zip(bucket_numels, dtypes)]
@@ -224,8 +363,9 @@ class LoRAReceiver:
 
     def destroy_weight_group(self) -> bool:
         """Drop the group (the trainer does the same); adapters stay installed."""
+        self._stop_stream()
         group = getattr(self, "_lora_sync_group", None)
-        self._lora_sync_group = None
+        self._lora_sync_group = self._lora_sync_store = None
         if group is not None and hasattr(group, "shutdown"):
             try:
                 group.shutdown()
@@ -253,148 +393,3 @@ def _registered_id(manager: Any, name: str) -> int:
         raise RuntimeError(f"adapter {name!r} is not (uniquely) registered in this worker: "
                            f"{ids}; pass lora_int_id")
     return ids[0]
-
-
-def _lora_from_tensors(manager: Any, lora_id: int, buckets: list[torch.Tensor],
-                       specs: list[list[Any]], peft_config: dict[str, Any],
-                       is_3d: bool = False) -> Any:
-    """Build a vLLM LoRAModel the way `_load_adapter` does, but from tensors in memory."""
-    from vllm.lora.lora_model import LoRAModel
-    from vllm.lora.peft_helper import PEFTHelper
-
-    config = dict(peft_config, vllm_max_position_embeddings=manager.max_position_embeddings)
-    helper = PEFTHelper.from_dict(config)
-    helper.validate_legal(manager.lora_config)
-    model = manager._adapter_manager.model
-    mapper = getattr(model, "hf_to_vllm_mapper", None)
-    clones = [bucket.clone() for bucket in buckets]
-    tensors = unpack(clones, specs)
-    lora = LoRAModel.from_lora_tensors(
-        lora_id, tensors, helper, device=str(buckets[0].device),
-        dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
-        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
-        skip_prefixes=getattr(model, "lora_skip_prefixes", None))
-    lora.is_3d_lora_weight = is_3d
-    lora._lora_sync_clones = clones  # its tensors are views of these (see SlotPlan.build)
-    # the factor vLLM folds into lora_b: SlotPlan.build tries it first
-    lora._lora_sync_scaling = getattr(helper, "vllm_lora_scaling_factor", None)
-    return lora
-
-
-class SlotPlan:
-    """Where each received tensor lives in vLLM's active LoRA slot, so later syncs copy
-    straight from the receive buffers into the slot instead of rebuilding and re-activating
-    the adapter (~20 ms for SmolLM2 on CPU, 3x the broadcast itself).
-
-    Learned from vLLM's own install rather than from its layouts: the LoRA model built from
-    our bucket clones keeps views of them (scaled in place for lora_b), so each tensor the
-    slot was filled from can be traced back to an offset in a bucket, and the plan verifies
-    that the slot holds exactly those values, that the scale reproduces them bit for bit,
-    and that every received element is used. If anything doesn't trace (another vLLM
-    version, tensor parallel slicing, a dtype change, lora_b still all zero so its scale
-    can't be checked), there is no plan and every sync takes vLLM's path.
-
-    A sync writes the slot only (`apply`): the registered model's own tensors, which vLLM
-    copies from when it activates the adapter again, are brought up to date (`refresh`)
-    only when that happens (the wrapped `activate_adapter`)."""
-
-    def __init__(self, lora_model: Any, slot: int, lora_id: int, received: list[torch.Tensor],
-                 entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]) -> None:
-        self.lora_model, self.slot, self.lora_id = lora_model, slot, lora_id
-        self.received = received  # the receive buffers the entries' raw views point into
-        self.entries = entries  # (slot view, model's tensor, raw view, scale)
-        self.views = [view for view, _, _, _ in entries]
-        self.sources = [raw for _, _, raw, _ in entries]
-        self.scaled: dict[float, list[torch.Tensor]] = {}  # scale -> slot views to scale
-        for view, _, _, scale in entries:
-            if scale != 1.0:
-                self.scaled.setdefault(scale, []).append(view)
-        self.stale = False  # the model's tensors lag the slot (refresh before re-activation)
-
-    @classmethod
-    def build(cls, adapters: Any, lora_id: int, received: list[torch.Tensor]
-              ) -> "SlotPlan | None":
-        lora_model = adapters._registered_adapters.get(lora_id)
-        clones = getattr(lora_model, "_lora_sync_clones", None)
-        if clones is None or lora_id not in adapters.lora_index_to_id:
-            return None
-        slot = adapters.lora_index_to_id.index(lora_id)
-        storages = {c.untyped_storage().data_ptr(): i for i, c in enumerate(clones)}
-        hint = getattr(lora_model, "_lora_sync_scaling", None)
-        entries, covered = [], 0
-        for name, module in adapters.modules.items():
-            weights = lora_model.get_lora(name)
-            if weights is None:
-                continue
-            if getattr(module, "tp_size", 1) != 1 or not hasattr(module, "lora_a_stacked"):
-                return None
-            for kind, tensors in (("a", weights.lora_a), ("b", weights.lora_b)):
-                stacked = module.lora_a_stacked if kind == "a" else module.lora_b_stacked
-                tensors = tensors if isinstance(tensors, list) else [tensors]
-                if len(tensors) != len(stacked):
-                    return None
-                for part, tensor in zip(stacked, tensors):
-                    if tensor is None:
-                        continue
-                    bucket = storages.get(tensor.untyped_storage().data_ptr())
-                    if bucket is None or not tensor.is_contiguous() or tensor.dim() != 2:
-                        return None
-                    view = part[slot, 0, :tensor.shape[0], :tensor.shape[1]]
-                    offset = tensor.storage_offset()
-                    raw = received[bucket][offset:offset + tensor.numel()].view(tensor.shape)
-                    scale = 1.0 if kind == "a" else scale_of(tensor, raw, hint)
-                    if scale is None or not torch.equal(view, tensor) or (
-                            scale == 1.0 and not torch.equal(raw, tensor)):
-                        return None
-                    entries.append((view, tensor, raw, scale))
-                    covered += tensor.numel()
-        if covered != sum(b.numel() for b in received):
-            return None
-        return cls(lora_model, slot, lora_id, received, entries)
-
-    def usable(self, adapters: Any, received: list[torch.Tensor]) -> bool:
-        """The same model object still sits in the same slot (no eviction or reload), and
-        this sync received into the buffers the plan reads."""
-        return (adapters._registered_adapters.get(self.lora_id) is self.lora_model
-                and self.slot < len(adapters.lora_index_to_id)
-                and adapters.lora_index_to_id[self.slot] == self.lora_id
-                and len(received) == len(self.received)
-                and all(a is b for a, b in zip(received, self.received)))
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        """Copy the received tensors into the active slot and scale the lora_b parts (one
-        foreach copy, one foreach scale per distinct scale). Runs inside the rpc, between
-        engine steps."""
-        torch._foreach_copy_(self.views, self.sources)
-        for scale, views in self.scaled.items():
-            torch._foreach_mul_(views, scale)
-        self.stale = True
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Bring the registered model's tensors up to the last received values."""
-        for _, tensor, raw, scale in self.entries:
-            if scale == 1.0:
-                tensor.copy_(raw)
-            else:
-                torch.mul(raw, scale, out=tensor)
-        self.stale = False
-
-
-def scale_of(scaled: torch.Tensor, raw: torch.Tensor, hint: float | None = None
-             ) -> float | None:
-    """The factor vLLM folded into lora_b (alpha / r, or a per-module pattern): `hint`
-    (vLLM's own factor) or the ratio read off the two copies, whichever reproduces `scaled`
-    exactly from `raw` by one multiplication; None when raw is all zero (a fresh adapter:
-    nothing to check a factor against) or no factor is exact."""
-    magnitude = raw.abs()
-    if magnitude.max() == 0:
-        return None
-    index = int(magnitude.argmax())
-    candidates = [] if hint is None else [float(hint)]
-    candidates.append(float(scaled.reshape(-1)[index] / raw.reshape(-1)[index]))
-    for scale in candidates:
-        if torch.equal(torch.mul(raw, scale), scaled):
-            return scale
-    return None
