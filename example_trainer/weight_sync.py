@@ -219,6 +219,13 @@ class AdapterBroadcaster:
         return {"sync/pack_s": t1 - t0, "sync/send_s": time.perf_counter() - t1, **figures,
                 "sync/bytes": float(self.nbytes)}
 
+    def _send_failed(self, exc: Exception) -> WeightSyncError:
+        """The group is unusable after a failed collective: mark it, and say what to check."""
+        self.broken = True
+        return WeightSyncError(f"broadcasting the adapter to vLLM's workers failed within "
+                               f"--sync-timeout {self.timeout_s:.0f} s: {exc}. Is vLLM still "
+                               "running? See its log.")
+
     def _send_streamed(self, reset_prefix_cache: bool,
                        preempt_running: bool) -> dict[str, float]:
         """Announce the sync in the store and meet the workers' listeners at a barrier: past
@@ -242,10 +249,7 @@ class AdapterBroadcaster:
             for bucket in self.buckets:
                 broadcast(self.group, bucket, self.timeout_s)
         except RuntimeError as exc:  # gloo/NCCL/store: peer gone or timed out
-            self.broken = True
-            raise WeightSyncError(f"broadcasting the adapter to vLLM's workers failed within "
-                                  f"--sync-timeout {self.timeout_s:.0f} s: {exc}. Is vLLM "
-                                  "still running? See its log.") from exc
+            raise self._send_failed(exc) from exc
         self.stream_number += 1
         t2 = time.perf_counter()
         if reset is not None:
@@ -280,10 +284,7 @@ class AdapterBroadcaster:
                 broadcast(self.group, bucket, self.timeout_s)
             barrier(self.group, self.buckets[0].device, self.timeout_s)
         except RuntimeError as exc:  # gloo/NCCL: peer gone or timed out
-            self.broken = True
-            raise WeightSyncError(f"broadcasting the adapter to vLLM's workers failed within "
-                                  f"--sync-timeout {self.timeout_s:.0f} s: {exc}. Is vLLM "
-                                  "still running? See its log.") from exc
+            raise self._send_failed(exc) from exc
         t2 = time.perf_counter()
         reset = (_Call(lambda: drop_stale_prefix_cache(self.client,
                                                        preempt_running=preempt_running),

@@ -125,22 +125,24 @@ class SlotPlan:
             return None
         return cls(lora_model, slot, lora_id, received, entries)
 
-    def usable(self, adapters: Any, received: list[torch.Tensor]) -> bool:
-        """The same model object still sits in the same slot (no eviction or reload), and
-        this sync received into the buffers the plan reads."""
+    def _still_ours(self, adapters: Any, received: list[torch.Tensor]) -> bool:
+        """The same model object is still registered (no eviction or reload), and this sync
+        received into the buffers the plan reads."""
         return (adapters._registered_adapters.get(self.lora_id) is self.lora_model
-                and self.slot < len(adapters.lora_index_to_id)
-                and adapters.lora_index_to_id[self.slot] == self.lora_id
                 and len(received) == len(self.received)
                 and all(a is b for a, b in zip(received, self.received)))
 
+    def usable(self, adapters: Any, received: list[torch.Tensor]) -> bool:
+        """`_still_ours`, and in the same slot."""
+        return (self._still_ours(adapters, received)
+                and self.slot < len(adapters.lora_index_to_id)
+                and adapters.lora_index_to_id[self.slot] == self.lora_id)
+
     def parked(self, adapters: Any, received: list[torch.Tensor]) -> bool:
-        """The same model object is still registered but holds no slot (another adapter took
-        it): vLLM copies it into a slot again when it is next activated, after `refresh`."""
-        return (adapters._registered_adapters.get(self.lora_id) is self.lora_model
-                and self.lora_id not in adapters.lora_index_to_id
-                and len(received) == len(self.received)
-                and all(a is b for a, b in zip(received, self.received)))
+        """`_still_ours`, but in no slot (another adapter took it): vLLM copies it into a
+        slot again when it is next activated, after `refresh`."""
+        return (self._still_ours(adapters, received)
+                and self.lora_id not in adapters.lora_index_to_id)
 
     @torch.no_grad()
     def apply(self) -> None:

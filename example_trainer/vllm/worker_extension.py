@@ -101,6 +101,17 @@ def exchange_max(group: Any, values: list[float], device: torch.device,
     return tensor.tolist()
 
 
+def receive_and_drop(group: Any, bucket_numels: list[int], dtypes: list[str],
+                     device: torch.device, rounds: int, timeout_s: float) -> None:
+    """Receive `rounds` broadcasts of buckets of these sizes into scratch buffers: the floor
+    any sync over the group can reach (the bare-broadcast benchmark)."""
+    scratch = [torch.empty(n, dtype=DTYPES[d], device=device)
+               for n, d in zip(bucket_numels, dtypes)]
+    for _ in range(rounds):
+        for bucket in scratch:
+            broadcast(group, bucket, timeout_s)
+
+
 def stream_key(session: str, number: int) -> str:
     """The store key of announcement `number` of `session`: "sync", "stop" (the listener's
     end) or a bare-broadcast benchmark (JSON: bucket_numels, dtypes, rounds)."""
@@ -169,12 +180,8 @@ class AdapterStream:
             self.pending = True
 
     def _receive_bare(self, bucket_numels: list[int], dtypes: list[str], rounds: int) -> None:
-        """Benchmark reference (`AdapterBroadcaster.time_bare_broadcast`): receive and drop."""
-        scratch = [torch.empty(n, dtype=DTYPES[d], device=self.device)
-                   for n, d in zip(bucket_numels, dtypes)]
-        for _ in range(rounds):
-            for bucket in scratch:
-                broadcast(self.group, bucket, self.timeout_s)
+        """Benchmark reference (`AdapterBroadcaster.time_bare_broadcast`)."""
+        receive_and_drop(self.group, bucket_numels, dtypes, self.device, rounds, self.timeout_s)
 
     def install_pending(self) -> None:
         """In the engine thread, holding `lock`, before a step's forward pass: install what
@@ -354,11 +361,8 @@ class LoRAReceiver:
         discard them (the floor any sync over this group can reach)."""
         self._stop_stream()
         device = self.device if self._lora_sync_backend == "nccl" else torch.device("cpu")
-        buckets = [torch.empty(n, dtype=DTYPES[d], device=device)
-                   for n, d in zip(bucket_numels, dtypes)]
-        for _ in range(rounds):
-            for bucket in buckets:
-                broadcast(self._lora_sync_group, bucket, self._lora_sync_timeout)
+        receive_and_drop(self._lora_sync_group, bucket_numels, dtypes, device, rounds,
+                         self._lora_sync_timeout)
         return True
 
     def destroy_weight_group(self) -> bool:
