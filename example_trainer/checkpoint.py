@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -282,21 +283,51 @@ def remove_stale_temporaries(root: Path) -> None:
 class Checkpointer:
     """Saves every `every` steps (and at the end), keeping the newest `keep`."""
 
-    def __init__(self, save_path: str | Path, every: int = 0, keep: int = 2) -> None:
+    def __init__(self, save_path: str | Path, every: int = 0, keep: int = 2, *,
+                 last_in_background: bool = False) -> None:
         self.root = Path(save_path)
         self.every = every
         self.keep = max(keep, 1)
         self.last_saved_step: int | None = None
         self.on_saved: Callable[[str | None], None] | None = None  # gets the lease record
+        # The last step's checkpoint is written in a thread while vLLM runs the final
+        # evaluation (nothing changes the weights any more, and the trainer's core is idle
+        # then); `wait` joins it. Off where a save is collective (one process per rank).
+        self.last_in_background = last_in_background
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
         if self.root.is_dir():
             remove_stale_temporaries(self.root)
 
     def maybe_save(self, step: int, total_steps: int, **state: Any) -> Path | None:
         """`step` counts completed steps; saves on the interval and after the last step."""
         due = step == total_steps or (self.every and step % self.every == 0)
-        if due and step != self.last_saved_step:
-            return self.save(step, **state)
-        return None
+        if not due or step == self.last_saved_step:
+            return None
+        if step == total_steps and self.last_in_background:
+            self._writer = threading.Thread(target=self._write, args=(step, state),
+                                            name="final-checkpoint", daemon=True)
+            self._writer.start()
+            return self.root / f"step-{step:06d}"
+        return self.save(step, **state)
+
+    def _write(self, step: int, state: dict[str, Any]) -> None:
+        try:
+            self.save(step, **state)
+        except BaseException as err:  # noqa: BLE001 - re-raised by wait(), in the run's thread
+            self._writer_error = err
+
+    def wait(self) -> None:
+        """Join a checkpoint being written in the background; re-raise its failure."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        if writer.is_alive():
+            log.info("waiting for the final checkpoint to be written")
+        writer.join()
+        if self._writer_error is not None:
+            err, self._writer_error = self._writer_error, None
+            raise err
 
     def save(self, step: int, *, model: torch.nn.Module, tokenizer: Any = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
@@ -306,6 +337,8 @@ class Checkpointer:
         """`pending`: batches taken from the API but not trained (written next to the state);
         `rng`: the RNG state at the step boundary when it has moved on since; `lease`: the
         last API lease this checkpoint covers (passed to `on_saved` once it is on disk)."""
+        if self._writer is not None and threading.current_thread() is not self._writer:
+            self.wait()
         state = {"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
                  "scheduler": scheduler.state_dict() if scheduler else None,
                  "rng": rng or rng_state(), "extra": extra or {}, "lease": lease}

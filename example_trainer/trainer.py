@@ -39,7 +39,9 @@ import dataclasses
 import logging
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -165,7 +167,8 @@ class TrainingRun:
                                 json_path=cfg.benchmark_json if main else "",
                                 wandb_project=cfg.wandb_project if main else "",
                                 wandb_group=cfg.wandb_group, config=cfg)
-            checkpoints = (Checkpointer(cfg.save_path, cfg.save_every, cfg.keep_checkpoints)
+            checkpoints = (Checkpointer(cfg.save_path, cfg.save_every, cfg.keep_checkpoints,
+                                        last_in_background=True)
                            if dist is None else
                            ShardedCheckpointer(cfg.save_path, dist, cfg.save_every,
                                                cfg.keep_checkpoints))
@@ -230,6 +233,7 @@ class TrainingRun:
             with self._sync_ranks(step, metrics):
                 yield
             return
+        self.await_evaluation()  # "before" must see the weights it started on
         with self.recorder.timer("sync"), self.vllm.guard():
             yield
             self.fetcher.publish_weight_version(step)
@@ -319,19 +323,52 @@ class TrainingRun:
     def evaluate(self, when: str) -> float | None:
         """Held-out accuracy through vLLM with the environment's own scorer ("before",
         "after" or "step N"); each point joins the learning curve (`eval_curve`: step,
-        training seconds so far, accuracy, evaluation seconds kept apart). Rank 0's only."""
+        training seconds so far, accuracy, evaluation seconds kept apart). Rank 0's only.
+
+        In one process, "before" runs in a thread and the first steps train meanwhile (the
+        trainer's core would idle while vLLM evaluates): the first sync, which changes what
+        vLLM serves, waits for it (`await_evaluation`), and only that wait is kept apart."""
         if not self.is_main:
             return None
+        self.await_evaluation()
+        step = self.completed_step() if when != "before" else self.start_step
+        train_s = self.recorder.training_seconds()
+        if when == "before" and self.dist is None:
+            log.info("evaluating %d held-out problems while the first steps train",
+                     self.cfg.eval_size)
+            self._evaluation = (in_background(self._held_out, "evaluation"), when, step,
+                                train_s)
+            return None
         with self.recorder.apart():
-            t0 = time.perf_counter()
-            accuracy = held_out_accuracy(self.cfg, self.vllm.url, self.tokenizer,
-                                         self.model_path)
+            accuracy, eval_s = self._held_out()
+        return self._record_evaluation(when, step, train_s, accuracy, eval_s)
+
+    def await_evaluation(self) -> None:
+        """Finish the "before" evaluation started in the background, if one runs; its
+        `eval_s` is the wait (the part of it the run's clock did not overlap)."""
+        pending, self._evaluation = self._evaluation, None
+        if pending is not None:
+            measured, when, step, train_s = pending
+            waited = time.perf_counter()
+            with self.recorder.apart():
+                accuracy, eval_s = measured.result()
+            waited = time.perf_counter() - waited
+            log.info("the %s evaluation took %.0f s alongside training; the run waited "
+                     "%.0f s for it", when, eval_s, waited)
+            self._record_evaluation(when, step, train_s, accuracy, waited)
+
+    def _held_out(self) -> tuple[float | None, float]:
+        t0 = time.perf_counter()
+        accuracy = held_out_accuracy(self.cfg, self.vllm.url, self.tokenizer, self.model_path)
+        return accuracy, time.perf_counter() - t0
+
+    def _record_evaluation(self, when: str, step: int, train_s: float,
+                           accuracy: float | None, eval_s: float) -> float | None:
         if accuracy is None:
             return None
-        step = self.completed_step() if when != "before" else self.start_step
         self.results.setdefault("eval_curve", []).append(
-            {"step": step, "train_s": round(self.recorder.training_seconds(), 2),
-             "accuracy": accuracy, "eval_s": round(time.perf_counter() - t0, 2)})
+            {"step": step, "train_s": round(train_s, 2), "accuracy": accuracy,
+             "eval_s": round(eval_s, 2)})
         if when in ("before", "after"):
             self.results[f"eval_{when}"] = accuracy
         if when == "after":  # the figure a first run is judged by: start to final answer
@@ -358,6 +395,7 @@ class TrainingRun:
         self.recorder.add_source(self._pop_sync_bytes)
         self._probe: ParityProbe | None = None
         self._synced_step = self.start_step  # the last step whose weights vLLM serves
+        self._evaluation: tuple[Future, str, int, float] | None = None  # "before", running
 
         def started() -> None:
             self.in_update = True
@@ -392,11 +430,17 @@ class TrainingRun:
             reason = f"failed: {exc_type.__name__}"
         # A rank that died (not rank 0 failing, which the others hear as RankFailed) is the
         # cause to report, and no collective can include it: no final checkpoint then.
+        write_failed: Exception | None = None
         lost = (lost_rank_error(self.dist, self.cfg.save_path)
                 if self.dist is not None and exc_type is not None
                 and not issubclass(exc_type, RankFailed) else None)
         with SAFE_POINTS.stopping():  # a second Ctrl-C must not cut the clean-up short
             self.children.close()  # stop vLLM (by process group) before anything else
+            try:  # the last step's checkpoint, written while vLLM evaluated
+                self.checkpoints.wait()
+            except Exception as err:  # noqa: BLE001 - reported below, after the clean-up
+                log.error("writing the final checkpoint failed: %s", err)
+                write_failed = err
             if exc_type is not None and lost is None:
                 save_final_checkpoint(self, exc)
             elif lost is not None:
@@ -410,6 +454,8 @@ class TrainingRun:
                 self.dist.close()
         if lost is not None:  # the cause, in one line, not a collective's connection error
             raise lost from exc
+        if exc_type is None and write_failed is not None:
+            raise write_failed
         if exc_type is None:
             log.info("%s", self.summary())
 
@@ -426,6 +472,20 @@ class TrainingRun:
 
     def summary(self) -> str:
         return run_summary(self)
+
+
+def in_background(fn: Callable[[], Any], name: str) -> Future:
+    """Run `fn` in a daemon thread (a hung vLLM must not keep the process from exiting);
+    the future's `result()` re-raises its error in the caller's thread."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as err:  # noqa: BLE001 - handed to whoever takes the result
+            future.set_exception(err)
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def _reraise(err: BaseException) -> None:

@@ -305,6 +305,37 @@ def test_kill_9_during_checkpoint_write_keeps_previous(tmp_path, point):
     assert find_checkpoint(root) == found
 
 
+def test_last_checkpoint_written_in_background_is_joined_and_its_failure_raised(tmp_path):
+    """The last step's save runs in a thread while vLLM evaluates: `wait` makes it whole,
+    a failed write is raised there (not lost), and earlier saves stay synchronous (the next
+    step changes the weights they read)."""
+    from safetensors.torch import save_file
+
+    from example_trainer.checkpoint import Checkpointer, find_checkpoint
+
+    class Model(torch.nn.Linear):
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            save_file({"weight": self.weight.detach()}, str(Path(path) / "model.safetensors"))
+
+    model = Model(64, 64)
+    saver = Checkpointer(tmp_path / "run", every=1, last_in_background=True)
+    first = saver.maybe_save(1, 2, model=model)
+    assert find_checkpoint(tmp_path / "run") == first and saver.last_saved_step == 1
+    last = saver.maybe_save(2, 2, model=model)
+    saver.wait()
+    assert find_checkpoint(tmp_path / "run") == last and last.name == "step-000002"
+    assert saver.last_saved_step == 2
+    assert torch.equal(load_file(last / "model.safetensors")["weight"], model.weight)
+
+    broken = Checkpointer(tmp_path / "broken", last_in_background=True)
+    broken.maybe_save(1, 1, model="not a model")  # returns at once: the thread fails
+    with pytest.raises(AttributeError):
+        broken.wait()
+    assert broken.last_saved_step is None
+    broken.wait()  # reported once
+
+
 def test_failure_after_some_steps_checkpoints_the_last_whole_step(tiny_model_dir, api_url,
                                                                    tmp_path, caplog):
     """Any abnormal exit (here: data stops coming) saves what was trained, in-process."""
