@@ -118,7 +118,7 @@ def test_learning_flag_runs_each_mode_like_run_sh_with_evaluations():
     assert s.learning and (s.steps, s.batch_size, s.micro_batch_size, s.group_size,
                            s.max_tokens) == tuple(int(flags[f]) for f in (
                                "--steps", "--batch-size", "--micro-batch-size",
-                               "--group-size", "--max-tokens")) == (14, 16, 16, 8, 32)
+                               "--group-size", "--max-tokens")) == (15, 16, 16, 8, 32)
     assert (s.eval_every, s.eval_size) == (2, 64)
     cmd = compare.trainer_command("lora_nccl", s, "http://x", 1234, Path("/r"))
     at = cmd.index("--eval-every")

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # --learning: the work of `./run.sh`'s default run (run.sh: TRAINER_ARGS, ENV_ARGS), long
 # enough to see learning; flags given on the command line win.
-LEARNING_DEFAULTS = {"steps": 14, "batch_size": 16, "micro_batch_size": 16, "group_size": 8,
+LEARNING_DEFAULTS = {"steps": 15, "batch_size": 16, "micro_batch_size": 16, "group_size": 8,
                      "max_tokens": 32}
 
 
