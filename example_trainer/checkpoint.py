@@ -281,7 +281,17 @@ def remove_stale_temporaries(root: Path) -> None:
 
 
 class Checkpointer:
-    """Saves every `every` steps (and at the end), keeping the newest `keep`."""
+    """Saves every `every` steps (and at the end), keeping the newest `keep`.
+
+    With `last_in_background`, the last step's checkpoint is written in a thread while vLLM
+    runs the final evaluation (nothing changes the weights any more, and the trainer's core
+    is idle then): `maybe_save` returns its path at once and `wait` joins it (retrying a
+    failed write once, in the caller's thread). Off where a save is collective (torchrun)."""
+
+    last_in_background = False
+    _writer: threading.Thread | None = None
+    _writer_job: tuple[int, dict[str, Any]] | None = None
+    _writer_error: BaseException | None = None
 
     def __init__(self, save_path: str | Path, every: int = 0, keep: int = 2, *,
                  last_in_background: bool = False) -> None:
@@ -290,44 +300,47 @@ class Checkpointer:
         self.keep = max(keep, 1)
         self.last_saved_step: int | None = None
         self.on_saved: Callable[[str | None], None] | None = None  # gets the lease record
-        # The last step's checkpoint is written in a thread while vLLM runs the final
-        # evaluation (nothing changes the weights any more, and the trainer's core is idle
-        # then); `wait` joins it. Off where a save is collective (one process per rank).
         self.last_in_background = last_in_background
-        self._writer: threading.Thread | None = None
-        self._writer_error: BaseException | None = None
         if self.root.is_dir():
             remove_stale_temporaries(self.root)
 
     def maybe_save(self, step: int, total_steps: int, **state: Any) -> Path | None:
-        """`step` counts completed steps; saves on the interval and after the last step."""
+        """`step` counts completed steps; saves on the interval and after the last step
+        (in the background with `last_in_background`: the path exists after `wait`)."""
         due = step == total_steps or (self.every and step % self.every == 0)
         if not due or step == self.last_saved_step:
             return None
         if step == total_steps and self.last_in_background:
-            self._writer = threading.Thread(target=self._write, args=(step, state),
-                                            name="final-checkpoint", daemon=True)
+            # the RNG state of the step boundary, not of whenever the thread gets to it
+            self._writer_job = (step, {**state, "rng": state.get("rng") or rng_state()})
+            self._writer = threading.Thread(target=self._write, name="final-checkpoint",
+                                            daemon=True)
             self._writer.start()
             return self.root / f"step-{step:06d}"
         return self.save(step, **state)
 
-    def _write(self, step: int, state: dict[str, Any]) -> None:
+    def _write(self) -> None:
+        step, state = self._writer_job
         try:
             self.save(step, **state)
-        except BaseException as err:  # noqa: BLE001 - re-raised by wait(), in the run's thread
+        except BaseException as err:  # noqa: BLE001 - handled by wait(), in the run's thread
             self._writer_error = err
 
     def wait(self) -> None:
-        """Join a checkpoint being written in the background; re-raise its failure."""
+        """Join a checkpoint being written in the background. A failed write is logged and
+        tried once more here; a second failure is raised."""
         writer, self._writer = self._writer, None
         if writer is None:
             return
         if writer.is_alive():
             log.info("waiting for the final checkpoint to be written")
         writer.join()
+        job, self._writer_job = self._writer_job, None
         if self._writer_error is not None:
             err, self._writer_error = self._writer_error, None
-            raise err
+            log.error("writing checkpoint step-%06d failed (%s: %s); trying once more",
+                      job[0], type(err).__name__, err)
+            self.save(job[0], **job[1])
 
     def save(self, step: int, *, model: torch.nn.Module, tokenizer: Any = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,

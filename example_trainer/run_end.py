@@ -92,7 +92,7 @@ def run_summary(run: "TrainingRun") -> str:
                      f"(T={run.cfg.eval_temperature})")
     if "wall_s" in run.results:
         lines.append(f"  wall time        {run.results['wall_s']:.0f} s from the trainer's "
-                     f"start to the end of the final evaluation (evaluations "
+                     f"start to the end of the final evaluation (waiting for evaluations "
                      f"{run.results['eval_s']:.0f} s)")
     lines += [f"  mean step time   {mean('step_s'):.2f} s (train {mean('train_s'):.2f}, "
               f"sync {mean('sync_s'):.2f}, data wait {mean('data_s'):.2f})",

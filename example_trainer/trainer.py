@@ -337,7 +337,7 @@ class TrainingRun:
             log.info("evaluating %d held-out problems while the first steps train",
                      self.cfg.eval_size)
             self._evaluation = (in_background(self._held_out, "evaluation"), when, step,
-                                train_s)
+                                train_s, getattr(self.vllm, "restarts", 0))
             return None
         with self.recorder.apart():
             accuracy, eval_s = self._held_out()
@@ -348,11 +348,19 @@ class TrainingRun:
         `eval_s` is the wait (the part of it the run's clock did not overlap)."""
         pending, self._evaluation = self._evaluation, None
         if pending is not None:
-            measured, when, step, train_s = pending
+            measured, when, step, train_s, restarts = pending
             waited = time.perf_counter()
             with self.recorder.apart():
-                accuracy, eval_s = measured.result()
+                try:
+                    accuracy, eval_s = measured.result()
+                except Exception as err:
+                    raise RuntimeError(f"the held-out evaluation {when} training (run "
+                                       f"alongside the first steps) failed: {err}") from err
             waited = time.perf_counter() - waited
+            if getattr(self.vllm, "restarts", 0) != restarts:  # a restart serves new weights
+                log.warning("no held-out accuracy %s training: vLLM was restarted (and "
+                            "given the current weights) while it evaluated", when)
+                return
             log.info("the %s evaluation took %.0f s alongside training; the run waited "
                      "%.0f s for it", when, eval_s, waited)
             self._record_evaluation(when, step, train_s, accuracy, waited)
@@ -395,7 +403,7 @@ class TrainingRun:
         self.recorder.add_source(self._pop_sync_bytes)
         self._probe: ParityProbe | None = None
         self._synced_step = self.start_step  # the last step whose weights vLLM serves
-        self._evaluation: tuple[Future, str, int, float] | None = None  # "before", running
+        self._evaluation: tuple[Future, str, int, float, int] | None = None  # "before"
 
         def started() -> None:
             self.in_update = True
@@ -430,17 +438,18 @@ class TrainingRun:
             reason = f"failed: {exc_type.__name__}"
         # A rank that died (not rank 0 failing, which the others hear as RankFailed) is the
         # cause to report, and no collective can include it: no final checkpoint then.
-        write_failed: Exception | None = None
+        write_failed: BaseException | None = None
         lost = (lost_rank_error(self.dist, self.cfg.save_path)
                 if self.dist is not None and exc_type is not None
                 and not issubclass(exc_type, RankFailed) else None)
+        self._evaluation = None  # a "before" evaluation still running: its figure is moot
         with SAFE_POINTS.stopping():  # a second Ctrl-C must not cut the clean-up short
-            self.children.close()  # stop vLLM (by process group) before anything else
-            try:  # the last step's checkpoint, written while vLLM evaluated
-                self.checkpoints.wait()
-            except Exception as err:  # noqa: BLE001 - reported below, after the clean-up
-                log.error("writing the final checkpoint failed: %s", err)
+            try:  # the last step's checkpoint, written while vLLM evaluated; before vLLM
+                self.checkpoints.wait()  # stops: shared_vllm's weights may be its memory
+            except BaseException as err:  # noqa: BLE001 - raised below, after the clean-up
+                log.error("the final checkpoint could not be written: %s", err)
                 write_failed = err
+            self.children.close()  # stop vLLM (by process group)
             if exc_type is not None and lost is None:
                 save_final_checkpoint(self, exc)
             elif lost is not None:

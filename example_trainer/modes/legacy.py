@@ -26,6 +26,8 @@ docstring). Everything else is shared code. A sync's duties, whatever moves the 
 5. With --restart-vllm-on-failure, register with `vllm.on_restart(fn)` whatever makes a
    fresh server serve the current weights (a new server knows no adapter and no process
    group); the run restarts the server and publishes the version after `fn`.
+6. Change what vLLM serves only inside `run.sync`: the evaluation before training runs
+   alongside the first steps, and `run.sync` waits for it first.
 """
 
 from __future__ import annotations
