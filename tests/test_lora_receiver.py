@@ -29,7 +29,10 @@ from example_trainer.weight_sync import EXTENSION, AdapterBroadcaster
 
 pytestmark = pytest.mark.slow
 
-PROMPT = [1, 17, 42, 99, 7, 3, 250, 11]
+# Longer than one KV block (--block-size 32 below; vLLM-CPU's default is 128), so vLLM's
+# prefix cache keeps the prompt's first block between probes: a swap that forgot the reset
+# would be served with KV computed by the previous adapter (checked at the end).
+PROMPT = [1, 17, 42, 99, 7, 3, 250, 11] * 5
 
 
 def served_gap(client, model: torch.nn.Module, name: str) -> float:
@@ -65,7 +68,8 @@ def test_received_adapter_survives_lru_eviction(tiny_model_dir, tmp_path):
                         worker_extension_cls=EXTENSION, dev_mode=True, kv_cache_gib=1,
                         logprobs_mode="processed_logprobs", seed=0,
                         log_path=tmp_path / "vllm.log",
-                        extra_args=["--max-loras", "1", "--max-cpu-loras", "2"])
+                        extra_args=["--max-loras", "1", "--max-cpu-loras", "2",
+                                    "--block-size", "32"])
     server.start()
     sender = None
 
@@ -121,6 +125,17 @@ def test_received_adapter_survives_lru_eviction(tiny_model_dir, tmp_path):
         assert new_version(8)["sync/streamed"] == 0.0
         assert served_gap(client, model, "policy") <= 1e-4
         assert new_version(9)["sync/streamed"] == 1.0
+        assert served_gap(client, model, "policy") <= 1e-4
+        # The reset is what keeps those parity checks honest: the probe above cached the
+        # prompt's first block; a swap without the reset serves that stale KV.
+        torch.manual_seed(10)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(std=0.2)
+        sender.sync(reset_prefix_cache=False)
+        assert served_gap(client, model, "policy") > 1e-3
+        sender.sync()  # the same weights again, and the reset
         assert served_gap(client, model, "policy") <= 1e-4
     finally:
         if sender is not None:
