@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import TrainConfig
 
@@ -31,6 +34,102 @@ def held_out_accuracy(cfg: TrainConfig, vllm_url: str, tokenizer: Any,
                   tokenizer=tokenizer)
     return env.evaluate(env.eval_items(cfg.eval_size, seed=cfg.seed),
                         temperature=cfg.eval_temperature)
+
+
+class Evaluations:
+    """A run's held-out evaluations and the learning curve they make (`results`:
+    `eval_curve` points of step, training seconds so far, accuracy and evaluation seconds
+    kept off the clock; `eval_before` / `eval_after`; `wall_s` and `eval_s` at the end).
+
+    One evaluation may run in the background (the one before training, while the first
+    steps train: the trainer's core would idle while vLLM evaluates); `finish_pending`
+    waits for it, and only that wait is kept off the clock. `score()` gives the accuracy
+    (None: evaluation is off); `restarts()` counts vLLM restarts, since a restart while an
+    evaluation runs serves newer weights and voids its figure."""
+
+    def __init__(self, cfg: TrainConfig, recorder: Any, results: dict[str, Any],
+                 score: Callable[[], float | None], restarts: Callable[[], int],
+                 wall_seconds: Callable[[], float]) -> None:
+        self.cfg, self.recorder, self.results = cfg, recorder, results
+        self.score, self.restarts, self.wall_seconds = score, restarts, wall_seconds
+        self.pending: tuple[Future, str, int, float, int] | None = None
+
+    def run(self, when: str, step: int, *, background: bool = False) -> float | None:
+        """Evaluate now ("before", "after" or "step N", at `step`), or start it in the
+        background; returns the accuracy (None if in the background or off)."""
+        self.finish_pending()
+        train_s = self.recorder.training_seconds()
+        if background:
+            log.info("evaluating %d held-out problems while the first steps train",
+                     self.cfg.eval_size)
+            self.pending = (in_background(self._timed_score, "evaluation"), when, step,
+                            train_s, self.restarts())
+            return None
+        with self.recorder.apart():
+            accuracy, eval_s = self._timed_score()
+        return self._record(when, step, train_s, accuracy, eval_s)
+
+    def finish_pending(self) -> None:
+        """Wait for the evaluation running in the background, if one does; its `eval_s`
+        is the wait (the part of it the run's clock did not overlap)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        measured, when, step, train_s, restarts = pending
+        waited = time.perf_counter()
+        with self.recorder.apart():
+            try:
+                accuracy, eval_s = measured.result()
+            except Exception as err:
+                raise RuntimeError(f"the held-out evaluation {when} training (run alongside "
+                                   f"the first steps) failed: {err}") from err
+        waited = time.perf_counter() - waited
+        if self.restarts() != restarts:
+            log.warning("no held-out accuracy %s training: vLLM was restarted (and given the "
+                        "current weights) while it evaluated", when)
+            return
+        log.info("the %s evaluation took %.0f s alongside training; the run waited %.0f s "
+                 "for it", when, eval_s, waited)
+        self._record(when, step, train_s, accuracy, waited)
+
+    def _timed_score(self) -> tuple[float | None, float]:
+        t0 = time.perf_counter()
+        accuracy = self.score()
+        return accuracy, time.perf_counter() - t0
+
+    def _record(self, when: str, step: int, train_s: float, accuracy: float | None,
+                eval_s: float) -> float | None:
+        if accuracy is None:
+            return None
+        curve = self.results.setdefault("eval_curve", [])
+        curve.append({"step": step, "train_s": round(train_s, 2), "accuracy": accuracy,
+                      "eval_s": round(eval_s, 2)})
+        if when in ("before", "after"):
+            self.results[f"eval_{when}"] = accuracy
+        if when == "after":  # the figure a first run is judged by: start to final answer
+            self.results["wall_s"] = round(self.wall_seconds(), 1)
+            self.results["eval_s"] = round(sum(p["eval_s"] for p in curve), 1)
+        log.info("held-out accuracy %s%s: %.3f (%d problems, T=%.1f)", when,
+                 " training" if when in ("before", "after") else "", accuracy,
+                 self.cfg.eval_size, self.cfg.eval_temperature)
+        if when == "after" and len(curve) > 1:
+            plot_learning_curve(curve, Path(self.cfg.save_path) / "accuracy.png",
+                                title=self.cfg.mode)
+        return accuracy
+
+
+def in_background(fn: Callable[[], Any], name: str) -> Future:
+    """Run `fn` in a daemon thread (a hung vLLM must not keep the process from exiting);
+    the future's `result()` re-raises its error in the caller's thread."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as err:  # noqa: BLE001 - handed to whoever takes the result
+            future.set_exception(err)
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def plot_learning_curve(curve: list[dict[str, Any]], path: Path, *, title: str = "") -> None:

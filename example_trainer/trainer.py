@@ -39,9 +39,7 @@ import dataclasses
 import logging
 import os
 import shutil
-import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -57,7 +55,7 @@ from .distributed import (Dist, build_sharded_optimizer, gather_full_state_dict,
                           init_distributed, shard_model)
 from .distributed_checkpoint import (ShardedCheckpointer, check_single_process_resume,
                                      is_sharded_checkpoint, load_checkpoint)
-from .evaluation import held_out_accuracy, plot_learning_curve
+from .evaluation import Evaluations, held_out_accuracy
 from .model import load_model, resolve_model_path
 from .optim import build_optimizer, build_scheduler
 from .parity import ParityProbe, trainer_probe_logprobs
@@ -322,74 +320,19 @@ class TrainingRun:
 
     def evaluate(self, when: str) -> float | None:
         """Held-out accuracy through vLLM with the environment's own scorer ("before",
-        "after" or "step N"); each point joins the learning curve (`eval_curve`: step,
-        training seconds so far, accuracy, evaluation seconds kept apart). Rank 0's only.
-
-        In one process, "before" runs in a thread and the first steps train meanwhile (the
-        trainer's core would idle while vLLM evaluates): the first sync, which changes what
-        vLLM serves, waits for it (`await_evaluation`), and only that wait is kept apart."""
+        "after" or "step N"), a point of the learning curve (`Evaluations`). Rank 0's only.
+        In one process "before" runs alongside the first steps; the first sync, which
+        changes what vLLM serves, waits for it (`await_evaluation`)."""
         if not self.is_main:
             return None
-        self.await_evaluation()
+        self.evaluations.finish_pending()  # its point comes first
         step = self.completed_step() if when != "before" else self.start_step
-        train_s = self.recorder.training_seconds()
-        if when == "before" and self.dist is None:
-            log.info("evaluating %d held-out problems while the first steps train",
-                     self.cfg.eval_size)
-            self._evaluation = (in_background(self._held_out, "evaluation"), when, step,
-                                train_s, getattr(self.vllm, "restarts", 0))
-            return None
-        with self.recorder.apart():
-            accuracy, eval_s = self._held_out()
-        return self._record_evaluation(when, step, train_s, accuracy, eval_s)
+        return self.evaluations.run(when, step,
+                                    background=when == "before" and self.dist is None)
 
     def await_evaluation(self) -> None:
-        """Finish the "before" evaluation started in the background, if one runs; its
-        `eval_s` is the wait (the part of it the run's clock did not overlap)."""
-        pending, self._evaluation = self._evaluation, None
-        if pending is not None:
-            measured, when, step, train_s, restarts = pending
-            waited = time.perf_counter()
-            with self.recorder.apart():
-                try:
-                    accuracy, eval_s = measured.result()
-                except Exception as err:
-                    raise RuntimeError(f"the held-out evaluation {when} training (run "
-                                       f"alongside the first steps) failed: {err}") from err
-            waited = time.perf_counter() - waited
-            if getattr(self.vllm, "restarts", 0) != restarts:  # a restart serves new weights
-                log.warning("no held-out accuracy %s training: vLLM was restarted (and "
-                            "given the current weights) while it evaluated", when)
-                return
-            log.info("the %s evaluation took %.0f s alongside training; the run waited "
-                     "%.0f s for it", when, eval_s, waited)
-            self._record_evaluation(when, step, train_s, accuracy, waited)
-
-    def _held_out(self) -> tuple[float | None, float]:
-        t0 = time.perf_counter()
-        accuracy = held_out_accuracy(self.cfg, self.vllm.url, self.tokenizer, self.model_path)
-        return accuracy, time.perf_counter() - t0
-
-    def _record_evaluation(self, when: str, step: int, train_s: float,
-                           accuracy: float | None, eval_s: float) -> float | None:
-        if accuracy is None:
-            return None
-        self.results.setdefault("eval_curve", []).append(
-            {"step": step, "train_s": round(train_s, 2), "accuracy": accuracy,
-             "eval_s": round(eval_s, 2)})
-        if when in ("before", "after"):
-            self.results[f"eval_{when}"] = accuracy
-        if when == "after":  # the figure a first run is judged by: start to final answer
-            self.results["wall_s"] = round(process_seconds(), 1)
-            self.results["eval_s"] = round(sum(p["eval_s"] for p in
-                                               self.results["eval_curve"]), 1)
-        log.info("held-out accuracy %s%s: %.3f (%d problems, T=%.1f)", when,
-                 " training" if when in ("before", "after") else "", accuracy,
-                 self.cfg.eval_size, self.cfg.eval_temperature)
-        if when == "after" and len(self.results["eval_curve"]) > 1:
-            plot_learning_curve(self.results["eval_curve"],
-                                Path(self.cfg.save_path) / "accuracy.png", title=self.cfg.mode)
-        return accuracy
+        """Finish an evaluation running in the background ("before"), if one does."""
+        self.evaluations.finish_pending()
 
     def __post_init__(self) -> None:
         if self.step_config is None:
@@ -403,7 +346,11 @@ class TrainingRun:
         self.recorder.add_source(self._pop_sync_bytes)
         self._probe: ParityProbe | None = None
         self._synced_step = self.start_step  # the last step whose weights vLLM serves
-        self._evaluation: tuple[Future, str, int, float, int] | None = None  # "before"
+        self.evaluations = Evaluations(
+            self.cfg, self.recorder, self.results,
+            score=lambda: held_out_accuracy(self.cfg, self.vllm.url, self.tokenizer,
+                                            self.model_path),
+            restarts=lambda: getattr(self.vllm, "restarts", 0), wall_seconds=process_seconds)
 
         def started() -> None:
             self.in_update = True
@@ -442,7 +389,7 @@ class TrainingRun:
         lost = (lost_rank_error(self.dist, self.cfg.save_path)
                 if self.dist is not None and exc_type is not None
                 and not issubclass(exc_type, RankFailed) else None)
-        self._evaluation = None  # a "before" evaluation still running: its figure is moot
+        self.evaluations.pending = None  # one still running: its figure is moot now
         with SAFE_POINTS.stopping():  # a second Ctrl-C must not cut the clean-up short
             try:  # the last step's checkpoint, written while vLLM evaluated; before vLLM
                 self.checkpoints.wait()  # stops: shared_vllm's weights may be its memory
@@ -481,20 +428,6 @@ class TrainingRun:
 
     def summary(self) -> str:
         return run_summary(self)
-
-
-def in_background(fn: Callable[[], Any], name: str) -> Future:
-    """Run `fn` in a daemon thread (a hung vLLM must not keep the process from exiting);
-    the future's `result()` re-raises its error in the caller's thread."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as err:  # noqa: BLE001 - handed to whoever takes the result
-            future.set_exception(err)
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
 
 
 def _reraise(err: BaseException) -> None:
