@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,8 +28,8 @@ import requests
 
 from .config import EnvConfig, EnvStats
 from .sampling import Completion
-from .transport import (API_TOKEN_ENV, Backoff, Stopped, ThreadSessions, api_token,
-                        bearer_headers, retry_after_seconds)
+from .transport import (API_TOKEN_ENV, IDEMPOTENCY_KEY_HEADER, Backoff, Stopped,
+                        ThreadSessions, api_token, bearer_headers, retry_after_seconds)
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +266,16 @@ class TrajectoryClient:
             time.sleep(self.config.poll_interval)
 
     def post_group(self, group: dict[str, Any]) -> bool:
-        """POST one group; sleep Retry-After and re-post on 429, so the group is not lost.
+        """POST one group; sleep Retry-After and re-post on 429, so the group is not lost, and
+        never queued twice: every attempt carries the same Idempotency-Key.
 
         Returns False only when the API rejects it as invalid (4xx, a bug worth fixing) or
         training finished meanwhile.
         """
+        # One key for every attempt: a retry after a lost answer must not queue it twice.
+        headers = {IDEMPOTENCY_KEY_HEADER: uuid.uuid4().hex}
         while True:
-            response = self.request("POST", "/scored_data", json=group)
+            response = self.request("POST", "/scored_data", json=group, headers=headers)
             if response.status_code == 429:
                 with self._lock:
                     self.stats.post_waits += 1

@@ -14,6 +14,12 @@ import time
 import requests
 
 
+# A post's unique key, sent again with every retry of it: the API stores the groups of a key
+# once, so a retry after a lost answer (the post was stored, the reply never came) is not
+# trained on twice. Optional on the wire: Atropos' clients send none.
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+
+
 class Stopped(Exception):
     """Training finished (or `Environment.stop()` was called) while waiting or retrying."""
 

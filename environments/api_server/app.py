@@ -2,7 +2,8 @@
 
 Routes and JSON shapes are Atropos' run-api (atroposlib 0.4.0). This module only translates:
 request bodies are parsed by the models in `schema`, the queue's exceptions become status codes
-(GroupError 422, QueueFull 429 + Retry-After, TrainingFinished 409, UnknownEnv 404),
+(GroupError 422, QueueFull 429 + Retry-After, TrainingFinished 409, UnknownEnv 404), a post's
+optional `Idempotency-Key` header makes its retries safe (stored once, `queue.post_groups`),
 `RequestBodyLimit` bounds every body (413) before anything is parsed, and with a shared secret
 `BearerAuth` answers 401 to every request that does not carry it, before anything else runs.
 """
@@ -12,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from ..transport import API_TOKEN_ENV, bearer_matches
+from ..transport import API_TOKEN_ENV, IDEMPOTENCY_KEY_HEADER, bearer_matches
 from .queue import (DEFAULT_LEASE_TIMEOUT_S, MEMORY, QueueFull, TrainingFinished,
                     TrajectoryQueue, UnknownEnv)
 from .schema import (EnvRef, EnvRegistration, GroupError, LeaseAck, ScoredData,
@@ -27,6 +28,11 @@ from .schema import (EnvRef, EnvRegistration, GroupError, LeaseAck, ScoredData,
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_MB = 64
+
+# The optional Idempotency-Key header of a post: a repeat of a stored key stores nothing and
+# answers "received" with "duplicate": true (the client's retry after a lost answer).
+PostKey = Annotated[str | None, Header(alias=IDEMPOTENCY_KEY_HEADER, min_length=1,
+                                       max_length=200)]
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
@@ -270,14 +276,15 @@ def create_app(max_queue_sequences: int = 4096,
         return {"status": "ok"}
 
     @app.post("/scored_data")
-    async def scored_data(group: ScoredData) -> dict[str, str]:
-        queue.post_groups([group], as_list=False)
-        return {"status": "received"}
+    async def scored_data(group: ScoredData, key: PostKey = None) -> dict[str, Any]:
+        stored = queue.post_groups([group], as_list=False, key=key)
+        return {"status": "received", **({} if stored else {"duplicate": True})}
 
     @app.post("/scored_data_list")
-    async def scored_data_list(groups: list[ScoredData]) -> dict[str, Any]:
-        queue.post_groups(groups, as_list=True)
-        return {"status": "received", "groups_processed": len(groups), "groups": len(groups)}
+    async def scored_data_list(groups: list[ScoredData], key: PostKey = None) -> dict[str, Any]:
+        stored = queue.post_groups(groups, as_list=True, key=key)
+        return {"status": "received", "groups_processed": len(groups), "groups": len(groups),
+                **({} if stored else {"duplicate": True})}
 
     @app.get("/status")
     async def status() -> dict[str, Any]:

@@ -36,10 +36,14 @@ from .schema import (EnvRegistration, GroupError, ScoredData, TrainerRegistratio
 from .store import MEMORY, SCHEMA, QueueInUse, QueueStore
 
 __all__ = ["DEFAULT_LEASE_TIMEOUT_S", "MAX_PASSED_OVER", "MEMORY", "PER_SEQUENCE_FIELDS",
-           "SCHEMA", "QueueFull", "QueueInUse", "TrainingFinished", "TrajectoryQueue",
+           "POST_KEY_TTL_S", "SCHEMA", "QueueFull", "QueueInUse", "TrainingFinished", "TrajectoryQueue",
            "UnknownEnv", "exact_subset", "split_group"]
 
 log = logging.getLogger(__name__)
+
+# How long a post's Idempotency-Key is remembered: far longer than any client keeps retrying
+# one post (environments give up after --api-timeout, 600 s by default).
+POST_KEY_TTL_S = 3600.0
 
 
 class QueueFull(RuntimeError):
@@ -216,11 +220,17 @@ class TrajectoryQueue(LeaseMixin):
 
     # --- data in --------------------------------------------------------------------------------
 
-    def post_groups(self, groups: list[ScoredData], *, as_list: bool) -> None:
+    def post_groups(self, groups: list[ScoredData], *, as_list: bool,
+                    key: str | None = None) -> bool:
         """Queue all groups or none: validate everything, then store them in one transaction.
+        False, storing nothing: a post with this idempotency `key` was stored before (a
+        client retrying after a lost answer; keys are kept `POST_KEY_TTL_S`).
 
         `as_list` prefixes error messages with `groups[k]`, as the list endpoint numbers them.
         """
+        if key is not None and self.store.has_post_key(key):
+            log.info("post with Idempotency-Key %s was stored before; not storing it again", key)
+            return False
         if self.finished:
             raise TrainingFinished(f"training has finished ({self.finish_reason}); scored data "
                                    "is no longer accepted")
@@ -246,12 +256,16 @@ class TrajectoryQueue(LeaseMixin):
             for pos, (group, body) in enumerate(zip(groups, data), self._tail_pos + 1):
                 group_id = self.store.add_group(pos, len(group.tokens), group.env_id, body)
                 entries.append(Queued(group_id, len(group.tokens), group.env_id))
+            if key is not None:
+                now = time.time()
+                self.store.add_post_key(key, now, forget_before=now - POST_KEY_TTL_S)
         self.queue.extend(entries)
         self._tail_pos += len(entries)
         self.latest_example = data[-1] if data else self.latest_example
         self.queued_sequences += incoming
         log.debug("queued %d groups (%d sequences); queue now %d", len(groups), incoming,
                   self.queued_sequences)
+        return True
 
     # --- data out -------------------------------------------------------------------------------
 

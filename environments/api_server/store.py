@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS leases (
     step INTEGER NOT NULL,
     trained INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS envs (env_id INTEGER PRIMARY KEY, registration TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS post_keys (  -- Idempotency-Key of recent posts: a retry is not stored twice
+    key TEXT PRIMARY KEY,
+    at REAL NOT NULL);                 -- time.time() when stored
+CREATE INDEX IF NOT EXISTS post_keys_by_time ON post_keys (at);
 """
 
 
@@ -124,8 +128,20 @@ class QueueStore:
 
     def clear(self) -> None:
         """Inside a transaction: delete every group, lease, environment and meta value."""
-        for table in ("groups", "leases", "envs", "meta"):
+        for table in ("groups", "leases", "envs", "meta", "post_keys"):
             self.db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
+
+    # --- idempotency keys of posts --------------------------------------------------------------
+
+    def has_post_key(self, key: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM post_keys WHERE key = ?", (key,)).fetchone()
+        return row is not None
+
+    def add_post_key(self, key: str, at: float, forget_before: float) -> None:
+        """Inside a transaction: remember `key` (stored with its groups, so both or neither
+        survive a crash) and forget keys older than `forget_before`."""
+        self.db.execute("DELETE FROM post_keys WHERE at < ?", (forget_before,))
+        self.db.execute("INSERT INTO post_keys (key, at) VALUES (?, ?)", (key, at))
 
     # --- groups -------------------------------------------------------------------------------
 
