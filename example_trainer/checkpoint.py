@@ -27,11 +27,13 @@ import os
 import random
 import shutil
 import signal
-import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from .background import in_background
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +291,8 @@ class Checkpointer:
     failed write once, in the caller's thread). Off where a save is collective (torchrun)."""
 
     last_in_background = False
-    _writer: threading.Thread | None = None
+    _writer: Future | None = None  # the background write and what it writes (for a retry)
     _writer_job: tuple[int, dict[str, Any]] | None = None
-    _writer_error: BaseException | None = None
 
     def __init__(self, save_path: str | Path, every: int = 0, keep: int = 2, *,
                  last_in_background: bool = False) -> None:
@@ -311,47 +312,44 @@ class Checkpointer:
         if not due or step == self.last_saved_step:
             return None
         if step == total_steps and self.last_in_background:
+            self.wait()
             # the RNG state of the step boundary, not of whenever the thread gets to it
-            self._writer_job = (step, {**state, "rng": state.get("rng") or rng_state()})
-            self._writer = threading.Thread(target=self._write, name="final-checkpoint",
-                                            daemon=True)
-            self._writer.start()
+            job = self._writer_job = (step, {**state, "rng": state.get("rng") or rng_state()})
+            self._writer = in_background(lambda: self._save(job[0], **job[1]),
+                                         "final-checkpoint")
             return self.root / f"step-{step:06d}"
         return self.save(step, **state)
-
-    def _write(self) -> None:
-        step, state = self._writer_job
-        try:
-            self.save(step, **state)
-        except BaseException as err:  # noqa: BLE001 - handled by wait(), in the run's thread
-            self._writer_error = err
 
     def wait(self) -> None:
         """Join a checkpoint being written in the background. A failed write is logged and
         tried once more here; a second failure is raised."""
         writer, self._writer = self._writer, None
+        job, self._writer_job = self._writer_job, None
         if writer is None:
             return
-        if writer.is_alive():
+        if not writer.done():
             log.info("waiting for the final checkpoint to be written")
-        writer.join()
-        job, self._writer_job = self._writer_job, None
-        if self._writer_error is not None:
-            err, self._writer_error = self._writer_error, None
+        try:
+            writer.result()
+        except Exception as err:
             log.error("writing checkpoint step-%06d failed (%s: %s); trying once more",
                       job[0], type(err).__name__, err)
-            self.save(job[0], **job[1])
+            self._save(job[0], **job[1])
 
-    def save(self, step: int, *, model: torch.nn.Module, tokenizer: Any = None,
-             optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-             extra: dict[str, Any] | None = None,
-             pending: list[list[dict[str, Any]]] | None = None,
-             rng: dict[str, Any] | None = None, lease: str | None = None) -> Path:
+    def save(self, step: int, **state: Any) -> Path:
+        """Write checkpoint `step` now, after any background write (so checkpoints land in
+        step order); `state` as `_save` takes it."""
+        self.wait()
+        return self._save(step, **state)
+
+    def _save(self, step: int, *, model: torch.nn.Module, tokenizer: Any = None,
+              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+              extra: dict[str, Any] | None = None,
+              pending: list[list[dict[str, Any]]] | None = None,
+              rng: dict[str, Any] | None = None, lease: str | None = None) -> Path:
         """`pending`: batches taken from the API but not trained (written next to the state);
         `rng`: the RNG state at the step boundary when it has moved on since; `lease`: the
         last API lease this checkpoint covers (passed to `on_saved` once it is on disk)."""
-        if self._writer is not None and threading.current_thread() is not self._writer:
-            self.wait()
         state = {"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
                  "scheduler": scheduler.state_dict() if scheduler else None,
                  "rng": rng or rng_state(), "extra": extra or {}, "lease": lease}

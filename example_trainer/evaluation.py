@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
+from .background import in_background
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -116,20 +115,6 @@ class Evaluations:
             plot_learning_curve(curve, Path(self.cfg.save_path) / "accuracy.png",
                                 title=self.cfg.mode)
         return accuracy
-
-
-def in_background(fn: Callable[[], Any], name: str) -> Future:
-    """Run `fn` in a daemon thread (a hung vLLM must not keep the process from exiting);
-    the future's `result()` re-raises its error in the caller's thread."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as err:  # noqa: BLE001 - handed to whoever takes the result
-            future.set_exception(err)
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
 
 
 def plot_learning_curve(curve: list[dict[str, Any]], path: Path, *, title: str = "") -> None:

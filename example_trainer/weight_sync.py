@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import time
 import uuid
 from typing import Any, Callable
 
 import torch
 
+from .background import in_background
 from .distributed import full_tensor
 from .vllm.client import VLLMClient
 from .vllm.server import free_port
@@ -79,28 +79,27 @@ def drop_stale_prefix_cache(client: VLLMClient, *, preempt_running: bool) -> Non
                               "reuse the old adapter's KV. Use --sync-pause wait.")
 
 
-class _Call:
-    """One `collective_rpc` running in a thread while this process does its collective half."""
+class BackgroundCall:
+    """A call into vLLM (HTTP) running in a thread while this process does its collective
+    half; `join` bounds the wait and names the call in its error."""
 
     def __init__(self, fn: Callable[[], Any], what: str) -> None:
-        self.what, self.result, self.error = what, None, None
-        self.thread = threading.Thread(target=self._run, args=(fn,), name=f"rpc-{what}",
-                                       daemon=True)
-        self.thread.start()
+        self.what = what
+        self.future = in_background(fn, f"rpc-{what}")
 
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as exc:  # re-raised in join(), in the caller's thread
-            self.error = exc
+    @property
+    def failed(self) -> bool:
+        """It has ended with an error (`join` raises it)."""
+        return self.future.done() and self.future.exception() is not None
 
     def join(self, timeout: float) -> Any:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            raise WeightSyncError(f"vLLM did not answer {self.what} within {timeout:.0f} s")
-        if self.error is not None:
-            raise WeightSyncError(f"{self.what} failed in vLLM: {self.error}") from self.error
-        return self.result
+        try:
+            return self.future.result(timeout)
+        except Exception as exc:
+            if not self.future.done():
+                raise WeightSyncError(f"vLLM did not answer {self.what} within "
+                                      f"{timeout:.0f} s") from None
+            raise WeightSyncError(f"{self.what} failed in vLLM: {exc}") from exc
 
 
 class AdapterBroadcaster:
@@ -179,9 +178,9 @@ class AdapterBroadcaster:
             torch.cat([(full_tensor(p, self.device) if self.sharded else p).detach().reshape(-1)
                        for p in group], out=bucket)
 
-    def _rpc(self, method: str, **kwargs: Any) -> _Call:
-        return _Call(lambda: self.client.collective_rpc(method, kwargs=kwargs,
-                                                        timeout=self.timeout_s), method)
+    def _rpc(self, method: str, **kwargs: Any) -> BackgroundCall:
+        return BackgroundCall(lambda: self.client.collective_rpc(
+            method, kwargs=kwargs, timeout=self.timeout_s), method)
 
     def join(self) -> None:
         """Rendezvous on a fresh port; the prefix is unique per run, so a stale store can't
@@ -244,7 +243,7 @@ class AdapterBroadcaster:
                 self.group, [0.0, 0.0, 0.0, 0.0], self.buckets[0].device, self.timeout_s)
             t1 = time.perf_counter()
             if reset_prefix_cache:
-                reset = _Call(lambda: drop_stale_prefix_cache(
+                reset = BackgroundCall(lambda: drop_stale_prefix_cache(
                     self.client, preempt_running=preempt_running), "reset_prefix_cache")
             for bucket in self.buckets:
                 broadcast(self.group, bucket, self.timeout_s)
@@ -286,9 +285,9 @@ class AdapterBroadcaster:
         except RuntimeError as exc:  # gloo/NCCL: peer gone or timed out
             raise self._send_failed(exc) from exc
         t2 = time.perf_counter()
-        reset = (_Call(lambda: drop_stale_prefix_cache(self.client,
-                                                       preempt_running=preempt_running),
-                       "reset_prefix_cache") if reset_prefix_cache else None)
+        reset = (BackgroundCall(lambda: drop_stale_prefix_cache(
+            self.client, preempt_running=preempt_running), "reset_prefix_cache")
+            if reset_prefix_cache else None)
         try:
             results = call.join(self.timeout_s + 30)
         except WeightSyncError:

@@ -15,8 +15,8 @@ trainer broadcasts), `/finish_weight_update`. The engine behind it comes from th
 
 No silent hang: every wait has a timeout (`--sync-timeout`) and fails with one line naming
 the side that stopped answering. The HTTP calls that wait for a collective run in a thread
-(`_Call`) while the trainer does its half with a timed broadcast, so the trainer is never
-left blocked in a collective. Memory: the trainer packs one bucket at a time from its own
+(`BackgroundCall`) while the trainer does its half with a timed broadcast, so the trainer is
+never left blocked in a collective. Memory: the trainer packs one bucket at a time from its own
 parameters (through a `WeightSource`, so a sharded trainer can gather tensor by tensor); a
 tensor larger than a bucket is sent from its own memory. A sync holds at most one bucket
 more than the trainer holds between syncs.
@@ -44,7 +44,7 @@ from .vllm.gloo_engine import GlooInitInfo, as_bytes, plan_buckets
 from .vllm.plugin import BACKEND, register
 from .vllm.server import free_port
 from .vllm.worker_extension import broadcast, make_group
-from .weight_sync import WeightSyncError, _Call, resolve_backend
+from .weight_sync import BackgroundCall, WeightSyncError, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +175,13 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             rank_offset=1, world_size=init_info.world_size,
             bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s,
             store_prefix=prefix, load=init_info.load)
-        call = _Call(lambda: client.init_weight_transfer_engine(asdict(worker_info)),
-                     "/init_weight_transfer_engine")
+        call = BackgroundCall(lambda: client.init_weight_transfer_engine(asdict(worker_info)),
+                              "/init_weight_transfer_engine")
         try:
             engine.group = make_group(init_info.master_address, init_info.master_port, prefix,
                                       0, init_info.world_size, "gloo", init_info.timeout_s)
         except RuntimeError as exc:
-            if call.error is not None:  # vLLM refused (e.g. no --weight-transfer-config)
+            if call.failed:  # vLLM refused (e.g. no --weight-transfer-config)
                 call.join(0)
             raise WeightSyncError(f"vLLM's workers did not join the weight-transfer group "
                                   f"within --sync-timeout {init_info.timeout_s:.0f} s: "
@@ -205,10 +205,10 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         update = {"names": [m.name for m in meta],
                   "dtype_names": [str(m.dtype).removeprefix("torch.") for m in meta],
                   "shapes": [list(m.shape) for m in meta]}
-        call = _Call(lambda: self.client.update_weights(update), "/update_weights")
+        call = BackgroundCall(lambda: self.client.update_weights(update), "/update_weights")
 
         def send(bucket: torch.Tensor) -> None:
-            if call.error is not None:  # the worker refused: don't wait for its broadcast
+            if call.failed:  # the worker refused: don't wait for its broadcast
                 call.join(0)
             try:
                 broadcast(self.group, bucket, self.timeout_s)
@@ -254,7 +254,7 @@ class RankDeviceSource(ModuleSource):
 def _answer(fn: Callable[[], Any], what: str, timeout_s: float) -> Any:
     """A control-plane call in a thread, so even a server that accepts the connection and
     never answers fails after the timeout."""
-    return _Call(fn, what).join(timeout_s + RPC_SLACK_S)
+    return BackgroundCall(fn, what).join(timeout_s + RPC_SLACK_S)
 
 
 class FullWeightSender:
@@ -289,7 +289,7 @@ class FullWeightSender:
                 master_address=self.host, master_port=port, world_size=self.world_size,
                 packed=True, packed_buffer_size_bytes=self.bucket_bytes, rank=self.rank)
             # vLLM's NCCL rendezvous has no timeout of its own: bound it here
-            self.engine = _Call(lambda: WeightTransferTrainerFactory.trainer_init(
+            self.engine = BackgroundCall(lambda: WeightTransferTrainerFactory.trainer_init(
                 info, client=self.http, source=RankDeviceSource(self.model)),
                 "the NCCL weight-transfer rendezvous").join(self.timeout_s + RPC_SLACK_S)
         else:
@@ -311,7 +311,7 @@ class FullWeightSender:
         t0 = time.perf_counter()
         try:
             if self.backend == "nccl":  # vLLM's NCCL engine waits without a timeout
-                _Call(self.engine.send_weights, "the NCCL weight transfer").join(
+                BackgroundCall(self.engine.send_weights, "the NCCL weight transfer").join(
                     self.timeout_s + RPC_SLACK_S)
             else:
                 self.engine.send_weights()

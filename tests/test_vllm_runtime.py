@@ -289,3 +289,13 @@ def test_restart_then_stop_removes_process_group(server, client, tiny_model_dir)
     # the log kept both runs' output and the command lines
     header = [line for line in server.tail_log(100_000) if line.startswith("# example_trainer:")]
     assert len(header) == 2 and str(tiny_model_dir) in header[-1]
+
+
+def test_full_weight_sender_names_a_server_without_weight_transfer(client, trainer_model):
+    """A vLLM started without --weight-transfer-config refuses the engine's init: the join
+    fails with vLLM's answer (the HTTP call's error), not only a rendezvous timeout."""
+    from example_trainer.weight_sync import WeightSyncError
+    from example_trainer.weight_transfer import FullWeightSender
+    sender = FullWeightSender(client, trainer_model, bucket_mib=1, timeout_s=5, backend="gloo")
+    with pytest.raises(WeightSyncError, match="/init_weight_transfer_engine failed in vLLM"):
+        sender.join()

@@ -103,10 +103,10 @@ def bare_broadcast(client: Any, sizes: list[int], bucket_bytes: int, rounds: int
                    ) -> list[float]:
     """Seconds per bare broadcast of a sync's buckets to vLLM's worker (first round, which
     includes the rpc that makes the worker listen, dropped)."""
-    from ..weight_sync import _Call
+    from ..weight_sync import BackgroundCall
     plans = plan_buckets(sizes, bucket_bytes)
     port, prefix = free_port(), f"full-sync-bench-{uuid.uuid4().hex}"
-    call = _Call(lambda: client.collective_rpc(
+    call = BackgroundCall(lambda: client.collective_rpc(
         "full_sync_bare", kwargs={"host": "127.0.0.1", "port": port, "prefix": prefix,
                                   "bucket_sizes": [p.nbytes for p in plans],
                                   "rounds": rounds + 1}, timeout=600), "full_sync_bare")
