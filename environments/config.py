@@ -75,7 +75,9 @@ class EnvConfig:
                                   "signal).")
     include_messages: bool = opt(True, "Send the chat messages with each group (for "
                                  "inspection; the trainer uses tokens).")
-    api_timeout: float = opt(600.0, "Seconds to keep retrying an unreachable API.")
+    api_timeout: float = opt(600.0, "Seconds to keep retrying an unreachable API (keep it "
+                             "under an hour: the API remembers a post's Idempotency-Key, "
+                             "which keeps a retried post from being queued twice, that long).")
     model_name_grace: float = opt(60.0, "Seconds vLLM may answer /v1/models without "
                                   "--model-name before the environment gives up (a LoRA "
                                   "adapter is registered a little after vLLM starts; time "

@@ -308,11 +308,11 @@ class Checkpointer:
     def maybe_save(self, step: int, total_steps: int, **state: Any) -> Path | None:
         """`step` counts completed steps; saves on the interval and after the last step
         (in the background with `last_in_background`: the path exists after `wait`)."""
+        self.wait()  # a background write pending: `last_saved_step` is known after it
         due = step == total_steps or (self.every and step % self.every == 0)
         if not due or step == self.last_saved_step:
             return None
         if step == total_steps and self.last_in_background:
-            self.wait()
             # the RNG state of the step boundary, not of whenever the thread gets to it
             job = self._writer_job = (step, {**state, "rng": state.get("rng") or rng_state()})
             self._writer = in_background(lambda: self._save(job[0], **job[1]),

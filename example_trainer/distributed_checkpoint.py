@@ -75,12 +75,12 @@ class ShardedCheckpointer(Checkpointer):
     def _is_main(self) -> bool:
         return self.dist is None or self.dist.is_main
 
-    def save(self, step: int, *, model: torch.nn.Module, tokenizer: Any = None,
-             optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-             extra: dict[str, Any] | None = None,
-             pending: list[list[dict[str, Any]]] | None = None,
-             rng: dict[str, Any] | None = None, lease: str | None = None) -> Path:
-        """Collective. The arguments are `Checkpointer.save`'s; only rank 0's `pending`,
+    def _save(self, step: int, *, model: torch.nn.Module, tokenizer: Any = None,
+              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+              extra: dict[str, Any] | None = None,
+              pending: list[list[dict[str, Any]]] | None = None,
+              rng: dict[str, Any] | None = None, lease: str | None = None) -> Path:
+        """Collective. The arguments are `Checkpointer._save`'s; only rank 0's `pending`,
         `rng` and `lease` are written (rank 0 alone talks to the API)."""
         import torch.distributed.checkpoint as dcp
         from .distributed import broadcast_object

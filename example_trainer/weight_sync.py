@@ -94,12 +94,14 @@ class BackgroundCall:
 
     def join(self, timeout: float) -> Any:
         try:
-            return self.future.result(timeout)
-        except Exception as exc:
-            if not self.future.done():
-                raise WeightSyncError(f"vLLM did not answer {self.what} within "
-                                      f"{timeout:.0f} s") from None
-            raise WeightSyncError(f"{self.what} failed in vLLM: {exc}") from exc
+            self.future.exception(timeout)  # waits; raises TimeoutError only if still running
+        except TimeoutError:
+            raise WeightSyncError(f"vLLM did not answer {self.what} within "
+                                  f"{timeout:.0f} s") from None
+        error = self.future.exception(0)
+        if error is not None:
+            raise WeightSyncError(f"{self.what} failed in vLLM: {error}") from error
+        return self.future.result(0)
 
 
 class AdapterBroadcaster:

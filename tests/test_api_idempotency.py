@@ -47,10 +47,16 @@ def test_a_key_is_stored_once_across_endpoints_restarts_and_refusals(tmp_path: P
         assert queued_groups(url) == 1
 
         pair = [make_group(t, 2, env_id=env_id) for t in (1, 2)]
-        assert "duplicate" not in post_keyed(url, "/scored_data_list", pair, "k2").json()
-        assert post_keyed(url, "/scored_data_list", pair, "k2").json()["duplicate"] is True
-        # a key names a post, whichever endpoint it went to
-        assert post_keyed(url, "/scored_data_list", pair, "k1").json()["duplicate"] is True
+        answer = post_keyed(url, "/scored_data_list", pair, "k2").json()
+        assert "duplicate" not in answer and answer["groups_processed"] == 2
+        answer = post_keyed(url, "/scored_data_list", pair, "k2").json()
+        assert answer["duplicate"] is True and answer["groups_processed"] == 0
+        # a key names a post and its groups, whichever endpoint it went to
+        assert post_keyed(url, "/scored_data_list", [make_group(0, 2, env_id=env_id)],
+                          "k1").json()["duplicate"] is True
+        reused = post_keyed(url, "/scored_data_list", pair, "k1")  # other groups, same key
+        assert reused.status_code == 422 and "'k1' was sent before with other groups" in \
+            reused.text
         assert queued_groups(url) == 3
 
         # a refused post does not use up its key: the corrected retry is stored
@@ -108,7 +114,9 @@ class LosesOneAnswer:
 
     def __init__(self, port: int, request_line: bytes) -> None:
         self.port, self.request_line = port, request_line
-        self.armed, self.lost = True, 0
+        self.armed = True
+        self.lost: list[bytes] = []  # the status line of each answer kept from the client
+        self.sockets: list[socket.socket] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -120,6 +128,7 @@ class LosesOneAnswer:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.sockets += [client, upstream]
             lose = threading.Event()
             threading.Thread(target=self._forward_requests, args=(client, upstream, lose),
                              daemon=True).start()
@@ -141,8 +150,8 @@ class LosesOneAnswer:
                          lose: threading.Event) -> None:
         try:
             while chunk := upstream.recv(65536):
-                if lose.is_set():  # the server has answered: it stored the post
-                    self.lost += 1
+                if lose.is_set():  # the server has answered (and stored the post, if 200)
+                    self.lost.append(chunk.split(b"\r\n", 1)[0])
                     break
                 client.sendall(chunk)
         except OSError:
@@ -155,7 +164,8 @@ class LosesOneAnswer:
             sock.close()
 
     def close(self) -> None:
-        self.listener.close()
+        for sock in [self.listener, *self.sockets]:
+            sock.close()
 
 
 def test_environment_retry_after_a_lost_answer_queues_the_group_once(tmp_path: Path) -> None:
@@ -172,14 +182,15 @@ def test_environment_retry_after_a_lost_answer_queues_the_group_once(tmp_path: P
         assert env.register()
         group = fake_group(env)
         assert env.post_group(group) is True
-        assert proxy.lost == 1  # the first answer never arrived; the client re-posted
+        # the first answer (the post was stored) never arrived; the client posted again
+        assert proxy.lost == [b"HTTP/1.1 200 OK"]
         assert queued_groups(url) == 1
 
         # Control: the same lost answer without a key queues the group twice.
         proxy.armed = True
         with pytest.raises(requests.ConnectionError):
             requests.post(proxy.url + "/scored_data", json=group, timeout=5)
-        assert proxy.lost == 2
+        assert proxy.lost == [b"HTTP/1.1 200 OK"] * 2
         post(url, "/scored_data", group)
         assert queued_groups(url) == 3
     finally:

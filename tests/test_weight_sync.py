@@ -152,3 +152,27 @@ def test_exchange_max_is_a_barrier_that_brings_back_each_figures_maximum():
     thread.join(60)
     assert mine == answers["worker"] == [1.0, 0.5, 7.0]
 
+
+
+def test_background_call_bounds_the_wait_and_names_the_call():
+    """The HTTP half of a sync: its answer, its error (wrapped, naming the call) and a
+    timeout while it still runs are told apart; a late answer is not taken for an error."""
+    import time
+
+    import pytest
+
+    from example_trainer.weight_sync import BackgroundCall, WeightSyncError
+    assert BackgroundCall(lambda: {"ok": 1}, "answer").join(5) == {"ok": 1}
+    with pytest.raises(WeightSyncError, match="collective_rpc failed in vLLM: division by zero"):
+        BackgroundCall(lambda: 1 / 0, "collective_rpc").join(5)
+    release = threading.Event()
+    slow = BackgroundCall(lambda: release.wait(10) and "late", "reset_prefix_cache")
+    started = time.perf_counter()
+    with pytest.raises(WeightSyncError, match="did not answer reset_prefix_cache within 0 s"):
+        slow.join(0.05)
+    assert time.perf_counter() - started < 5 and not slow.failed
+    release.set()
+    assert slow.join(5) == "late" and not slow.failed
+    failing = BackgroundCall(lambda: 1 / 0, "x")
+    failing.future.exception(5)  # let it end
+    assert failing.failed

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_MB = 64
 
-# The optional Idempotency-Key header of a post: a repeat of a stored key stores nothing and
-# answers "received" with "duplicate": true (the client's retry after a lost answer).
+# The optional Idempotency-Key header of a post: a repeat of a stored key with the same groups
+# stores nothing and answers "received" with "duplicate": true (the client's retry after a lost
+# answer); the key with other groups is refused (422).
 PostKey = Annotated[str | None, Header(alias=IDEMPOTENCY_KEY_HEADER, min_length=1,
                                        max_length=200)]
 
@@ -283,7 +284,8 @@ def create_app(max_queue_sequences: int = 4096,
     @app.post("/scored_data_list")
     async def scored_data_list(groups: list[ScoredData], key: PostKey = None) -> dict[str, Any]:
         stored = queue.post_groups(groups, as_list=True, key=key)
-        return {"status": "received", "groups_processed": len(groups), "groups": len(groups),
+        processed = len(groups) if stored else 0
+        return {"status": "received", "groups_processed": processed, "groups": processed,
                 **({} if stored else {"duplicate": True})}
 
     @app.get("/status")

@@ -21,6 +21,8 @@ delivery-is-acknowledgement. Packing (`packing.py`) decides what a batch holds.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sqlite3  # noqa: F401 - tests inject faults through queue.sqlite3.connect
 import time
@@ -36,8 +38,8 @@ from .schema import (EnvRegistration, GroupError, ScoredData, TrainerRegistratio
 from .store import MEMORY, SCHEMA, QueueInUse, QueueStore
 
 __all__ = ["DEFAULT_LEASE_TIMEOUT_S", "MAX_PASSED_OVER", "MEMORY", "PER_SEQUENCE_FIELDS",
-           "POST_KEY_TTL_S", "SCHEMA", "QueueFull", "QueueInUse", "TrainingFinished", "TrajectoryQueue",
-           "UnknownEnv", "exact_subset", "split_group"]
+           "POST_KEY_TTL_S", "SCHEMA", "QueueFull", "QueueInUse", "TrainingFinished",
+           "TrajectoryQueue", "UnknownEnv", "exact_subset", "split_group"]
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +225,25 @@ class TrajectoryQueue(LeaseMixin):
     def post_groups(self, groups: list[ScoredData], *, as_list: bool,
                     key: str | None = None) -> bool:
         """Queue all groups or none: validate everything, then store them in one transaction.
-        False, storing nothing: a post with this idempotency `key` was stored before (a
-        client retrying after a lost answer; keys are kept `POST_KEY_TTL_S`).
+        False, storing nothing: a post of the same groups with this idempotency `key` was
+        stored before (a client retrying after a lost answer; keys are kept
+        `POST_KEY_TTL_S`); the key with other groups is refused (GroupError).
 
         `as_list` prefixes error messages with `groups[k]`, as the list endpoint numbers them.
         """
-        if key is not None and self.store.has_post_key(key):
-            log.info("post with Idempotency-Key %s was stored before; not storing it again", key)
-            return False
+        data = [group.model_dump() for group in groups]
+        digest = None
+        if key is not None:
+            digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+            stored = self.store.post_key_digest(key, since=time.time() - POST_KEY_TTL_S)
+            if stored == digest:
+                log.info("post with Idempotency-Key %s was stored before; not storing it "
+                         "again", key)
+                return False
+            if stored is not None:
+                raise GroupError(f"Idempotency-Key {key!r} was sent before with other groups: "
+                                 "a key names one post and its retries; send new data under "
+                                 "a new key")
         if self.finished:
             raise TrainingFinished(f"training has finished ({self.finish_reason}); scored data "
                                    "is no longer accepted")
@@ -250,15 +263,14 @@ class TrajectoryQueue(LeaseMixin):
         if self.queued_sequences + incoming > self.max_queue_sequences:
             raise QueueFull(f"queue holds {self.queued_sequences} of {self.max_queue_sequences} "
                             f"sequences; {incoming} more would exceed the limit: retry later")
-        data = [group.model_dump() for group in groups]
         entries = []
         with self.store.transaction():
             for pos, (group, body) in enumerate(zip(groups, data), self._tail_pos + 1):
                 group_id = self.store.add_group(pos, len(group.tokens), group.env_id, body)
                 entries.append(Queued(group_id, len(group.tokens), group.env_id))
-            if key is not None:
+            if digest is not None:  # with its key
                 now = time.time()
-                self.store.add_post_key(key, now, forget_before=now - POST_KEY_TTL_S)
+                self.store.add_post_key(key, digest, now, forget_before=now - POST_KEY_TTL_S)
         self.queue.extend(entries)
         self._tail_pos += len(entries)
         self.latest_example = data[-1] if data else self.latest_example

@@ -41,9 +41,10 @@ CREATE TABLE IF NOT EXISTS leases (
     step INTEGER NOT NULL,
     trained INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS envs (env_id INTEGER PRIMARY KEY, registration TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS post_keys (  -- Idempotency-Key of recent posts: a retry is not stored twice
+CREATE TABLE IF NOT EXISTS post_keys (  -- recent posts' Idempotency-Key: stored once
     key TEXT PRIMARY KEY,
-    at REAL NOT NULL);                 -- time.time() when stored
+    digest TEXT NOT NULL,              -- of the post's groups: a reused key with other data
+    at REAL NOT NULL);                 -- is refused; time.time() when stored
 CREATE INDEX IF NOT EXISTS post_keys_by_time ON post_keys (at);
 """
 
@@ -127,21 +128,25 @@ class QueueStore:
         self.db.execute("DELETE FROM envs WHERE env_id = ?", (env_id,))
 
     def clear(self) -> None:
-        """Inside a transaction: delete every group, lease, environment and meta value."""
+        """Inside a transaction: delete every group, lease, environment, meta value and
+        remembered post key."""
         for table in ("groups", "leases", "envs", "meta", "post_keys"):
             self.db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
 
     # --- idempotency keys of posts --------------------------------------------------------------
 
-    def has_post_key(self, key: str) -> bool:
-        row = self.db.execute("SELECT 1 FROM post_keys WHERE key = ?", (key,)).fetchone()
-        return row is not None
+    def post_key_digest(self, key: str, since: float) -> str | None:
+        """The digest stored with `key` if it was stored at or after `since`."""
+        row = self.db.execute("SELECT digest FROM post_keys WHERE key = ? AND at >= ?",
+                              (key, since)).fetchone()
+        return None if row is None else row[0]
 
-    def add_post_key(self, key: str, at: float, forget_before: float) -> None:
+    def add_post_key(self, key: str, digest: str, at: float, forget_before: float) -> None:
         """Inside a transaction: remember `key` (stored with its groups, so both or neither
         survive a crash) and forget keys older than `forget_before`."""
         self.db.execute("DELETE FROM post_keys WHERE at < ?", (forget_before,))
-        self.db.execute("INSERT INTO post_keys (key, at) VALUES (?, ?)", (key, at))
+        self.db.execute("INSERT OR REPLACE INTO post_keys (key, digest, at) VALUES (?, ?, ?)",
+                        (key, digest, at))
 
     # --- groups -------------------------------------------------------------------------------
 
