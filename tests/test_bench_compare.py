@@ -264,6 +264,9 @@ def test_bench_runs_each_mode_and_writes_json_and_chart(tiny_model_dir, tmp_path
         assert curves["setup_s"] > 0, (mode, curves)
         assert [p["step"] for p in curves["accuracy"]] == [0, 1], (mode, curves)
         before, after = curves["accuracy"]
-        assert curves["setup_s"] < before["s"] < curves["reward"][0]["s"] <= after["s"]
+        # The step's reward and the evaluation after it are at the same moment since the final
+        # checkpoint is written in the background: each is rounded to 0.01 s on its own path
+        # (train_s in the trainer, the sum of step_s here), so allow that much either way.
+        assert curves["setup_s"] < before["s"] < curves["reward"][0]["s"] <= after["s"] + 0.02
         assert row["steps"] == 1 and row["final_accuracy"] == after["accuracy"]
         assert {"time_to_0.5_s", "time_to_0.7_s"} <= set(row)
