@@ -291,8 +291,8 @@ class Checkpointer:
     failed write once, in the caller's thread). Off where a save is collective (torchrun)."""
 
     last_in_background = False
-    _writer: Future | None = None  # the background write and what it writes (for a retry)
-    _writer_job: tuple[int, dict[str, Any]] | None = None
+    # the background write, and the step and state it writes (for a retry)
+    _writer: tuple[Future, int, dict[str, Any]] | None = None
 
     def __init__(self, save_path: str | Path, every: int = 0, keep: int = 2, *,
                  last_in_background: bool = False) -> None:
@@ -314,27 +314,27 @@ class Checkpointer:
             return None
         if step == total_steps and self.last_in_background:
             # the RNG state of the step boundary, not of whenever the thread gets to it
-            job = self._writer_job = (step, {**state, "rng": state.get("rng") or rng_state()})
-            self._writer = in_background(lambda: self._save(job[0], **job[1]),
-                                         "final-checkpoint")
+            state = {**state, "rng": state.get("rng") or rng_state()}
+            self._writer = (in_background(lambda: self._save(step, **state),
+                                          "final-checkpoint"), step, state)
             return self.root / f"step-{step:06d}"
         return self.save(step, **state)
 
     def wait(self) -> None:
         """Join a checkpoint being written in the background. A failed write is logged and
         tried once more here; a second failure is raised."""
-        writer, self._writer = self._writer, None
-        job, self._writer_job = self._writer_job, None
-        if writer is None:
+        pending, self._writer = self._writer, None
+        if pending is None:
             return
+        writer, step, state = pending
         if not writer.done():
             log.info("waiting for the final checkpoint to be written")
         try:
             writer.result()
         except Exception as err:
             log.error("writing checkpoint step-%06d failed (%s: %s); trying once more",
-                      job[0], type(err).__name__, err)
-            self._save(job[0], **job[1])
+                      step, type(err).__name__, err)
+            self._save(step, **state)
 
     def save(self, step: int, **state: Any) -> Path:
         """Write checkpoint `step` now, after any background write (so checkpoints land in

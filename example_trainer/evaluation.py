@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 

@@ -325,7 +325,6 @@ class TrainingRun:
         changes what vLLM serves, waits for it (`await_evaluation`)."""
         if not self.is_main:
             return None
-        self.evaluations.finish_pending()  # its point comes first
         step = self.completed_step() if when != "before" else self.start_step
         return self.evaluations.run(when, step,
                                     background=when == "before" and self.dist is None)
